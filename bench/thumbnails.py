@@ -1,0 +1,284 @@
+"""Thumbnail throughput: `photoscand scan` end to end, side by side with the thumbnail yardsticks.
+
+Every method runs interleaved in one invocation on the same warm perf corpus, and the
+results are ratios per rep, because absolute timings on this shared machine drift. The
+hazard is comparing unequal work: every method's outputs are checked (sizes, orientation,
+no metadata) before its numbers count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sqlite3
+import sys
+from pathlib import Path
+
+import harness as h
+import yardsticks as y
+
+SECTION = "thumbnails"
+SIZES = (1440, 256)
+TARGETS = {
+    # (method, reference): minimum speed ratio, from the performance issue.
+    ("photoscand", "pyvips_pool"): 1.3,
+    ("photoscand", "pil_pool"): 0.9,
+    ("photoscand_256", "djpeg_1_8"): 0.85,
+}
+
+
+# --------------------------------------------------------------------------- photoscand
+
+
+def photoscand_scan_method(sizes: tuple[int, ...], key: str = "photoscand"):
+    """`photoscand scan` end to end (phase 1 + phase 2, 2 workers) with a fresh catalog per run."""
+
+    def build(ctx):
+        cfg = h.write_photoscand_config(ctx.run_dir, [ctx.corpus], sizes=sizes, workers=2)
+        return h.Invocation([str(h.PHOTOSCAND), "scan", "--config", str(cfg)], timeout=1800)
+
+    def count(ctx, _m):
+        tdir = ctx.run_dir / "thumbnails"
+        names = [p.name for p in tdir.rglob("*") if p.is_file()] if tdir.is_dir() else []
+        for size in sizes:
+            n = sum(1 for name in names if name.endswith(f"-{size}.jpg"))
+            if n != len(ctx.files):
+                return f"{n} thumbnails of {size} px, expected {len(ctx.files)}"
+        return None
+
+    def check(ctx, _m):
+        upright = y.load_display_sizes(ctx.corpus)
+        try:
+            rows = _catalog_thumbnails(ctx.run_dir / "catalog.db")
+        except sqlite3.Error as exc:
+            return f"catalog unreadable: {exc}"
+        if len(rows) != len(sizes) * len(ctx.files):
+            return (
+                f"{len(rows)} thumbnail rows in the catalog, expected {len(sizes) * len(ctx.files)}"
+            )
+        for thumb, size, image in rows:
+            err = y.check_thumbnail(Path(thumb), size, upright.get(Path(image).stem))
+            if err:
+                return err
+        return None
+
+    label = f"**photoscand scan**, {' + '.join(map(str, sizes))}, 2 workers, end to end"
+    return h.Method(
+        key,
+        label,
+        build,
+        check=check,
+        check_every_run=count,
+        collect=lambda ctx, _m: {"breakdown": photoscand_breakdown(ctx.run_dir)},
+    )
+
+
+def _catalog_thumbnails(catalog: Path) -> list[tuple[str, int, str]]:
+    con = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True)
+    try:
+        rows = con.execute(
+            "SELECT t.path, t.size, i.path FROM thumbnails t JOIN images i ON i.id = t.image_id"
+        ).fetchall()
+    finally:
+        con.close()
+    # Paths may be stored as raw bytes (BLOB) or text.
+    return [(os.fsdecode(t), int(s), os.fsdecode(i)) for t, s, i in rows]
+
+
+def photoscand_breakdown(run_dir: Path) -> dict[str, float]:
+    """>>> TO FINISH (photoscand-specific) <<<  Where photoscand's time went in one scan.
+
+    Receives the run folder right after `photoscand scan` exited, before it is deleted:
+    run_dir/catalog.db (the fresh catalog: tables images, thumbnails), run_dir/thumbnails/,
+    run_dir/photoscand.yaml. Return a flat dict of stage name -> value (e.g. "phase 1 wall
+    ms/file", "worker CPU ms/file", "worker idle ms/file", "main-process CPU ms/file",
+    "catalog write ms/file"), from the catalog (discovered_at, converted_at) or from the
+    daemon's per-stage metrics once it exposes them. The medians over the runs are printed
+    under the table. An empty dict means "not measured yet".
+    """
+    return {}
+
+
+def probe_photoscand(corpus: Path, sizes: tuple[int, ...]) -> str | None:
+    """Run photoscand once on 2 photos; the reason it cannot be benchmarked yet, or None."""
+    if not h.PHOTOSCAND.exists():
+        return f"{h.PHOTOSCAND} does not exist"
+    folder = h.subset_folder(corpus, 2)
+    method = photoscand_scan_method(sizes)
+    with h.temp_dir("probe-") as run_dir:
+        out = run_dir / "out"
+        out.mkdir()
+        files = h.photos_in(folder)
+        lists = run_dir / "lists"
+        lists.mkdir()
+        ctx = h.RunContext(files, folder, lists / "l", lists / "s", run_dir, out)
+        inv = method.build(ctx)
+        inv.timeout = 120
+        m = h.measure(inv)
+        if m.timed_out:
+            return "a scan of 2 photos did not finish in 120 s"
+        if m.returncode != 0:
+            return f"exit code {m.returncode}: {h._last_lines(m.stderr_tail, 2)}"
+        return method.check_every_run(ctx, m) or method.check(ctx, m)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render_set(
+    title: str,
+    methods,
+    summaries: dict[str, h.Summary],
+    refs: list[tuple[str, str]],
+    pending: dict[str, str],
+) -> str:
+    headers = ["method", "files/s (median)", "range", "CPU ms/file"]
+    headers += [f"× {name}" for _key, name in refs]
+    rows = []
+    for method in methods:
+        s = summaries.get(method.key)
+        if method.key in pending or s is None or s.runs == 0:
+            why = pending.get(method.key) or (s.error if s else None) or "no run"
+            rows.append([method.label, f"pending ({why})", "", "", *["" for _ in refs]])
+            continue
+        noisy = f" ({s.noisy_runs} noisy)" if s.noisy_runs else ""
+        rows.append(
+            [
+                method.label,
+                h.fmt(s.files_per_s) + noisy,
+                f"{h.fmt(s.files_per_s_min)}–{h.fmt(s.files_per_s_max)}",
+                h.fmt(s.cpu_ms_per_file),
+                *[h.fmt(s.ratios.get(key, float("nan")), 2) for key, _ in refs],
+            ]
+        )
+    return f"{title}\n\n" + h.md_table(headers, rows, right=range(1, len(headers)))
+
+
+def render_targets(summaries_by_set: list[dict[str, h.Summary]], names: dict[str, str]) -> str:
+    lines = []
+    for (key, ref), target in TARGETS.items():
+        s = next((ss[key] for ss in summaries_by_set if key in ss), None)
+        got = s.ratios.get(ref, float("nan")) if s and s.runs else float("nan")
+        if got != got:  # NaN: no run of the method or its reference
+            measured = "pending"
+        else:
+            measured = f"{got:.2f}× ({'met' if got >= target else '**missed**'})"
+        lines.append(
+            f"- {names.get(key, key)} vs {names.get(ref, ref)}: ≥ {target:g}× — {measured}"
+        )
+    return "Targets (speed ratios, same-rep, median):\n\n" + "\n".join(lines)
+
+
+def render_breakdown(summaries: dict[str, h.Summary]) -> str:
+    s = summaries.get("photoscand")
+    dicts = [e["breakdown"] for e in (s.extra if s else []) if e.get("breakdown")]
+    title = "Where photoscand's remaining time goes (medians over its runs):"
+    if not dicts:
+        return (
+            f"{title} pending — `photoscand_breakdown()` in bench/thumbnails.py does not "
+            "report stages yet."
+        )
+    keys = sorted({k for d in dicts for k in d})
+    rows = [[k, h.fmt(h.median([d[k] for d in dicts if k in d]), 2)] for k in keys]
+    return f"{title}\n\n" + h.md_table(["stage", "value"], rows, right=[1])
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__ + "\nWrites its section of docs/benchmarks.md (full runs).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument("--files", type=int, default=150, help="12 MP photos in the run [%(default)s]")
+    ap.add_argument("--reps", type=int, default=5, help="interleaved repetitions [%(default)s]")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 20 files, 1 rep, no doc update by default"
+    )
+    ap.add_argument(
+        "--sets",
+        choices=["all", "both", "256"],
+        default="all",
+        help="both = 1440 + 256 px; 256 = 256 px only [%(default)s]",
+    )
+    ap.add_argument("--no-photoscand", action="store_true", help="yardsticks only")
+    ap.add_argument(
+        "--doc",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="update docs/benchmarks.md (default: yes, except with --quick)",
+    )
+    h.add_gate_args(ap)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.files, args.reps = min(args.files, 20), 1
+    write_doc = args.doc if args.doc is not None else not args.quick
+    gate = h.gate_from_args(args)
+    h.install_signal_handlers()
+
+    corpus = h.subset_folder(h.perf_corpus(count=max(150, args.files)), args.files)
+    files = h.photos_in(corpus)
+    h.log(f"{len(files)} photos in {corpus}")
+
+    pending: dict[str, str] = {}
+    if args.no_photoscand:
+        pending["photoscand"] = pending["photoscand_256"] = "not run (--no-photoscand)"
+    else:
+        why = probe_photoscand(corpus, SIZES)
+        if why:
+            h.log(f"photoscand cannot be benchmarked yet: {why}")
+            pending["photoscand"] = pending["photoscand_256"] = "daemon not ready"
+
+    sets = []
+    if args.sets in ("all", "both"):
+        methods = [photoscand_scan_method(SIZES), *y.thumbnail_yardsticks(SIZES)]
+        refs = [("pil_pool", "bare Pillow pool"), ("pyvips_pool", "pyvips pool")]
+        sets.append(("both", "12 MP JPEG → 1440 px and 256 px, JPEG q80", methods, refs))
+    if args.sets in ("all", "256"):
+        methods = [
+            photoscand_scan_method((256,), key="photoscand_256"),
+            y.djpeg_method(8),
+            y.pool_method("pil", (256,)),
+        ]
+        methods[0].label = "**photoscand scan**, 256 only, 2 workers, end to end"
+        refs = [("djpeg_1_8", "djpeg 1/8, 2 procs"), ("pil_pool", "bare Pillow pool")]
+        sets.append(("256", "12 MP JPEG → 256 px only, JPEG q80", methods, refs))
+
+    facts = h.machine_facts()
+    results, blocks, all_summaries, names = [], [], [], {}
+    for set_name, title, methods, refs in sets:
+        runnable = [m for m in methods if m.key not in pending]
+        h.log(f"set {set_name}: {', '.join(m.key for m in runnable)}; {args.reps} reps")
+        res = h.run_set(f"thumbs-{set_name}", runnable, files, corpus, args.reps, gate)
+        results.append(res)
+        summaries = h.summarize(res, runnable, [k for k, _ in refs])
+        all_summaries.append(summaries)
+        names.update({m.key: m.label.replace("**", "") for m in methods})
+        names.update(dict(refs))
+        heading = f"### {title} ({len(files)} files, {args.reps} reps)"
+        blocks.append(render_set(heading, methods, summaries, refs, pending))
+    names.update({"photoscand": "photoscand end to end", "photoscand_256": "photoscand 256 px"})
+    blocks.append(render_targets(all_summaries, names))
+    if args.sets in ("all", "both"):
+        blocks.append(render_breakdown(all_summaries[0]))
+    notes = [
+        "Ratios are speed ratios: the method's files/s divided by the reference's in the same "
+        "rep, median over reps (above 1 = faster than the reference).",
+        "Foreign load: " + h.gating_outcome(results) + ".",
+    ]
+    blocks.append(h.facts_markdown(facts, args.reps, notes))
+    body = "\n\n".join(blocks)
+    raw = h.save_raw(
+        "thumbnails", {"args": vars(args), "facts": facts, "sets": results, "pending": pending}
+    )
+    print(body)
+    h.log(f"raw results: {raw}")
+    if write_doc:
+        h.write_section(SECTION, body)
+        h.log(f"updated the {SECTION} section of {h.DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
