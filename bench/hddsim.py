@@ -197,7 +197,10 @@ class Layout:
             return entry
 
     def files(self) -> list[Entry]:
-        return sorted((e for e in self.entries.values() if e.is_file), key=lambda e: e.offset)
+        """Files in platter order."""
+        with self.lock:  # FUSE threads may be adding new names meanwhile
+            placed = [e for e in self.entries.values() if e.is_file]
+        return sorted(placed, key=lambda e: e.offset)
 
 
 def warm(source: Path, layout: Layout) -> None:

@@ -56,6 +56,7 @@ def _write_tree(root: Path) -> dict[str, bytes]:
         "top.txt": b"top\n",
         "empty.bin": b"",
         "z/stream.bin": rng.randbytes(8 * MiB),
+        os.fsdecode(b"b/latin-1 caf\xe9.bin"): rng.randbytes(5000),  # not UTF-8
     }
     for rel, data in files.items():
         path = root / rel
