@@ -26,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -363,7 +363,14 @@ def _fuse() -> Any:
     return fuse
 
 
-def make_filesystem(source: Path, layout: Layout, head: Head) -> Any:
+def make_filesystem(
+    source: Path,
+    layout: Layout,
+    head: Head,
+    on_init: Callable[[], None] = lambda: None,
+    on_destroy: Callable[[], None] = lambda: None,
+) -> Any:
+    """The fusepy Operations object of the mirror; the hooks run when FUSE starts and stops."""
     fuse = _fuse()
 
     class HddSimFS(fuse.Operations):
@@ -439,18 +446,12 @@ def make_filesystem(source: Path, layout: Layout, head: Head) -> Any:
             return 0
 
         def init(self, path: str) -> None:
-            for hook in _on_init:
-                hook()
+            on_init()
 
         def destroy(self, path: str) -> None:
-            for hook in _on_destroy:
-                hook()
+            on_destroy()
 
     return HddSimFS()
-
-
-_on_init: list[Any] = []
-_on_destroy: list[Any] = []
 
 
 def _quiet_thread(target: Any, name: str) -> threading.Thread:
@@ -541,8 +542,6 @@ def serve(
         if stats_file is not None:
             _write_json_atomic(stats_file, head.stats())
 
-    _on_init.append(start_threads)
-    _on_destroy.append(stop_threads)
     options: dict[str, Any] = {
         "foreground": foreground,
         "ro": True,
@@ -554,7 +553,8 @@ def serve(
         "allow_other": allow_other,
     }
     # No kernel_cache, no auto_cache: both would let the page cache answer repeated reads.
-    fuse.FUSE(make_filesystem(source, layout, head), str(mountpoint), encoding=_FS_CODEC, **options)
+    operations = make_filesystem(source, layout, head, start_threads, stop_threads)
+    fuse.FUSE(operations, str(mountpoint), encoding=_FS_CODEC, **options)
 
 
 def _stats_writer(head: Head, path: Path, stop: threading.Event) -> None:
@@ -784,7 +784,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-scale", type=float, default=defaults.time_scale)
     parser.add_argument("--foreground", action="store_true", help="do not detach")
     parser.add_argument("--allow-other", action="store_true", help="let other users read it")
-    parser.add_argument("--parent-pid", type=int, help="unmount when this process is gone")
+    parser.add_argument(
+        "--parent-pid", type=int, help="with --foreground: unmount when this process is gone"
+    )
     parser.add_argument(
         "--no-warm", action="store_true", help="do not preload the source into the page cache"
     )
