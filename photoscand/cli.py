@@ -1,0 +1,192 @@
+"""The command line: ``run``, ``scan``, ``status``, ``retry`` and ``check-config``.
+
+Exit codes: 0 success; 1 images failed (``scan``) or a forced stop; 2 a usage,
+configuration or catalog error; 3 the catalog is locked by another photoscand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from photoscand import __version__
+from photoscand import log as log_module
+from photoscand.catalog import Catalog, CatalogError
+from photoscand.config import Config, ConfigError, describe, load_config
+from photoscand.daemon import EXIT_LOCKED, EXIT_USAGE, CatalogLocked, Daemon, progress_line
+from photoscand.outcomes import split_error
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="photoscand",
+        description="Catalogs photos into SQLite as they land and makes thumbnails.",
+        epilog="Exit codes: 0 ok; 1 images failed (scan) or forced stop; 2 usage, configuration"
+        " or catalog error; 3 catalog locked by another photoscand.",
+    )
+    parser.add_argument("--version", action="version", version=f"photoscand {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="FILE", help="config file (default ./config.yaml)")
+    common.add_argument("--workers", type=int, metavar="N", help="workers.count")
+    common.add_argument(
+        "--log-level", choices=("debug", "info", "warning", "error"), help="logging.level"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", parents=[common], help="the daemon, in the foreground")
+    sub.add_parser("scan", parents=[common], help="ingest and convert everything, then exit")
+    status = sub.add_parser("status", parents=[common], help="counts, progress and failures")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--failures", type=int, default=10, metavar="N",
+                        help="how many recent failures to list (default 10)")  # fmt: skip
+    retry = sub.add_parser("retry", parents=[common], help="put failed images back to pending")
+    retry.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (default all)")
+    retry.add_argument(
+        "--all",
+        action="store_true",
+        help="also reconvert images that are done (after changing sizes or format)",
+    )
+    sub.add_parser("check-config", parents=[common], help="validate and print the config")
+    return parser
+
+
+def _load(args: argparse.Namespace, *, check_paths: bool = True) -> Config:
+    overrides = {
+        "workers.count": (args.workers, "--workers"),
+        "logging.level": (args.log_level, "--log-level"),
+    }
+    return load_config(
+        args.config,
+        overrides={k: v for k, v in overrides.items() if v[0] is not None},
+        check_paths=check_paths,
+    )
+
+
+def _error(message: str) -> None:
+    print(f"photoscand: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command in ("run", "scan"):
+            return _run(args)
+        if args.command == "status":
+            return _status(args)
+        if args.command == "retry":
+            return _retry(args)
+        return _check_config(args)
+    except ConfigError as exc:
+        _error("configuration error:\n  " + str(exc).replace("\n", "\n  "))
+        return EXIT_USAGE
+    except CatalogError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except CatalogLocked as exc:
+        _error(str(exc))
+        return EXIT_LOCKED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = _load(args)
+    log_module.configure(config.logging.level, config.logging.format)
+    progress = None
+    if args.command == "scan" and sys.stderr.isatty():
+        progress = sys.stderr
+    daemon = Daemon(config, mode=args.command, progress=progress)
+    return daemon.run()
+
+
+def status_data(catalog: Catalog, roots: Sequence[str], failures: int) -> dict[str, Any]:
+    """What ``photoscand status`` reports, as plain data."""
+    counts = catalog.counts()
+    now = time.time()
+    rates = catalog.converted_since({"last_minute": now - 60, "last_hour": now - 3600})
+    oldest = catalog.oldest_pending_since()
+    return {
+        "catalog": catalog.path,
+        "roots": list(roots),
+        "counts": counts,
+        "progress": progress_line(counts),
+        "converted": rates,
+        "rate_per_minute": rates["last_minute"],
+        "oldest_pending_age_seconds": round(now - oldest, 1) if oldest else 0,
+        "failures_by_reason": catalog.failure_reasons(),
+        "recent_failures": [
+            {
+                "id": f.id,
+                "path": f.display_path,
+                "reason": split_error(f.error)[0],
+                "message": split_error(f.error)[1],
+                "attempts": f.attempts,
+            }
+            for f in catalog.recent_failures(failures)
+        ],
+    }
+
+
+def _status(args: argparse.Namespace) -> int:
+    config = _load(args, check_paths=False)
+    if not os.path.exists(config.catalog.path):
+        _error(f"no catalog yet at {config.catalog.path} (has `photoscand run` been started?)")
+        return EXIT_USAGE
+    catalog = Catalog(config.catalog.path, readonly=True)
+    try:
+        data = status_data(catalog, config.watch.paths, args.failures)
+    finally:
+        catalog.close()
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+        return 0
+    counts = data["counts"]
+    print(data["progress"])
+    print("  " + "  ".join(f"{status}: {count}" for status, count in counts.items()))
+    print(
+        f"  converted: {data['converted']['last_minute']} in the last minute,"
+        f" {data['converted']['last_hour']} in the last hour;"
+        f" oldest waiting: {data['oldest_pending_age_seconds']:g}s"
+    )
+    if data["failures_by_reason"]:
+        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(data["failures_by_reason"].items()))
+        print(f"  failures by reason: {reasons}")
+    if data["recent_failures"]:
+        print("Recent failures:")
+        for failure in data["recent_failures"]:
+            print(f"  [{failure['reason']}] {failure['path']}: {failure['message']}")
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    config = _load(args, check_paths=False)
+    catalog = Catalog(config.catalog.path)
+    try:
+        paths = [os.fsencode(os.path.abspath(p)) for p in args.paths] or None
+        count = catalog.retry(paths, include_done=args.all)
+    finally:
+        catalog.close()
+    what = "failed or done" if args.all else "failed"
+    print(f"{count} {what} images queued again")
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(describe(config))
+    try:
+        from photoscand.converters import available_formats
+
+        formats = available_formats()
+        readable = sorted(name for name, missing in formats.items() if missing is None)
+        missing = sorted(f"{name} (needs {need})" for name, need in formats.items() if need)
+        print(f"formats: {' '.join(readable)}")
+        if missing:
+            print(f"formats not readable here: {', '.join(missing)}")
+    except ImportError as exc:
+        print(f"formats: unknown ({exc})")
+    return 0

@@ -1,0 +1,380 @@
+"""Phase 1 on the daemon's side: decide which files are complete, parse them, write rows.
+
+Files arrive as candidates from events (closed-after-write, moved in, created and then
+settled) and from walks. A candidate the catalog already holds unchanged costs one
+indexed lookup. Anything else goes to the metadata process, a separate child that the
+daemon can kill: exifread can loop or eat memory on a hostile file, and it must take
+neither the daemon nor the rest of the batch with it. Several requests are kept in
+flight so the parser never waits for the daemon; answers come back in order, so when
+the parser stops answering, the file at the head of the line is the one it hangs on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.context import BaseContext
+from typing import Any
+
+from photoscand import formats, outcomes
+from photoscand.catalog import Catalog, FileStat
+from photoscand.log import display_path, get_logger
+from photoscand.metrics import Metrics
+from photoscand.scanner import relative_parts_ignored
+from photoscand.supervisor import Child, describe_exit
+from photoscand.worker import metadata_main
+
+# Requests kept in flight to the metadata process: enough to hide the pipe's round
+# trip, few enough that a timeout or crash re-sends little.
+IN_FLIGHT = 32
+
+
+@dataclass(slots=True)
+class _Candidate:
+    path: bytes
+    source: str  # "event" or "walk"
+    walk_reason: str  # for walks: why it ran ("start", "periodic", ...)
+    completed_at: float  # monotonic time the file was known complete
+    known_id: int | None = None  # the row this file refreshes, if any
+    again: bool = False  # offered again while in flight: re-check after the answer
+
+
+@dataclass(slots=True)
+class _Settling:
+    size: int
+    mtime_ns: int
+    changed_at: float
+
+
+class Ingest:
+    """Phase 1: candidates in, catalog rows out.
+
+    Args:
+        catalog: the daemon's read-write catalog (this runs on its writer thread).
+        roots: the watched roots (bytes), to ignore paths outside them.
+        ctx: the multiprocessing context children are started with.
+        settle_seconds: how long a created-but-not-closed file must hold still.
+        metadata_timeout: seconds one file may take in the metadata process.
+        metrics: where counts and durations go.
+        on_row: called after a row was added or refreshed (wakes phase 2).
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        roots: Sequence[bytes],
+        ctx: BaseContext,
+        *,
+        settle_seconds: float,
+        metadata_timeout: float,
+        metrics: Metrics,
+        on_row: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.catalog = catalog
+        self.roots = tuple(roots)
+        self.ctx = ctx
+        self.settle_seconds = settle_seconds
+        self.metadata_timeout = metadata_timeout
+        self.metrics = metrics
+        self.on_row = on_row
+        self.log = get_logger("ingest")
+        self._settling: dict[bytes, _Settling] = {}
+        self._ready: deque[_Candidate] = deque()  # complete, waiting for the parser
+        self._in_flight: dict[bytes, _Candidate] = {}  # path -> candidate at the parser
+        self._line: deque[tuple[int, bytes, float]] = deque()  # (seq, path, sent_at)
+        self._seq = 0
+        self._child: Child | None = None
+        self._child_failures = 0
+        self._restart_after = 0.0
+        self._last_answer = time.monotonic()
+        self.pending_delays: list[float] = []  # completion times of rows in the open batch
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self._child = Child(self.ctx, metadata_main, (), name="photoscand-metadata")
+        self._last_answer = time.monotonic()
+
+    def stop(self) -> None:
+        child, self._child = self._child, None
+        if child is not None:
+            child.close(graceful=True)
+
+    def wait_objects(self) -> list[Any]:
+        if self._child is None:
+            return []
+        return [self._child.conn, self._child.sentinel]
+
+    @property
+    def idle(self) -> bool:
+        """Nothing settling, waiting or being parsed."""
+        return not self._settling and not self._ready and not self._in_flight
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._ready or self._in_flight)
+
+    def depths(self) -> dict[str, int]:
+        return {"settle": len(self._settling), "metadata": len(self._ready) + len(self._in_flight)}
+
+    def next_deadline(self, now: float) -> float | None:
+        """When the loop must wake for phase 1 (settle checks, parser timeout)."""
+        deadlines = []
+        if self._settling:
+            deadlines.append(now + min(0.25, self.settle_seconds / 4))
+        if self._line:
+            deadlines.append(self._line[0][2] + self.metadata_timeout)
+        if self._child is None and (self._ready or self._in_flight):
+            deadlines.append(self._restart_after)
+        return min(deadlines) if deadlines else None
+
+    # -- candidates ------------------------------------------------------------------
+
+    def created(self, path: bytes, now: float) -> None:
+        """A file appeared without a close event yet: it must settle first."""
+        if relative_parts_ignored(path, self.roots):
+            return
+        if path in self._settling:
+            return
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        if not stat.S_ISREG(st.st_mode):
+            return
+        self._settling[path] = _Settling(st.st_size, st.st_mtime_ns, now)
+
+    def complete(self, path: bytes, source: str, now: float, walk_reason: str = "") -> None:
+        """A file is complete (closed after writing, moved in, walked, settled)."""
+        if relative_parts_ignored(path, self.roots):
+            return
+        self._settling.pop(path, None)
+        in_flight = self._in_flight.get(path)
+        if in_flight is not None:
+            in_flight.again = True
+            return
+        candidate = _Candidate(path, source, walk_reason, now)
+        if self._check(candidate):
+            self._ready.append(candidate)
+
+    def forget(self, path: bytes) -> None:
+        """A file was deleted before it settled."""
+        self._settling.pop(path, None)
+
+    def _check(self, candidate: _Candidate) -> bool:
+        """True when the candidate needs parsing; handles the cheap cases itself."""
+        path = candidate.path
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if self.catalog.mark_missing(path, "the file was deleted"):
+                self.log.debug("file vanished", path=display_path(path))
+            return False
+        except OSError as exc:
+            self.log.debug("cannot stat", path=display_path(path), error=exc.strerror)
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False  # symlinks are never followed; folders and devices are not photos
+        known = self.catalog.lookup(path)
+        if known is not None:
+            if (known.size, known.mtime_ns, known.ino) == (st.st_size, st.st_mtime_ns, st.st_ino):
+                if known.status == "missing":
+                    self.catalog.restore(known.id, FileStat.of(path, st))
+                    self._row_written(candidate, "restored")
+                return False
+            candidate.known_id = known.id
+            return True
+        # A new path: a file moved while we were not watching keeps its row.
+        for old in self.catalog.same_inode(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+            if old.status == "missing" or not os.path.lexists(old.path):
+                self.catalog.move_to(old.id, FileStat.of(path, st))
+                self.log.info(
+                    "file moved", path=display_path(path), was=display_path(old.path), id=old.id
+                )
+                self._row_written(candidate, "moved")
+                return False
+        return True
+
+    def tick(self, now: float) -> None:
+        """Settle checks, parser timeouts and restarts, and feeding the parser."""
+        if self._settling:
+            self._check_settling(now)
+        self._check_parser(now)
+        self._feed()
+
+    def _check_settling(self, now: float) -> None:
+        for path, entry in list(self._settling.items()):
+            try:
+                st = os.lstat(path)
+            except OSError:
+                del self._settling[path]
+                continue
+            if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
+                entry.size, entry.mtime_ns, entry.changed_at = st.st_size, st.st_mtime_ns, now
+            elif now - entry.changed_at >= self.settle_seconds:
+                del self._settling[path]
+                self.complete(path, "event", now)
+
+    def _feed(self) -> None:
+        child = self._child
+        if child is None:
+            return
+        while self._ready and len(self._line) < IN_FLIGHT:
+            candidate = self._ready.popleft()
+            if candidate.path in self._in_flight:
+                self._in_flight[candidate.path].again = True
+                continue
+            self._seq += 1
+            try:
+                child.conn.send((self._seq, candidate.path))
+            except OSError:
+                self._ready.appendleft(candidate)
+                return  # the sentinel will report the death
+            if not self._line:
+                self._last_answer = time.monotonic()
+            self._line.append((self._seq, candidate.path, time.monotonic()))
+            self._in_flight[candidate.path] = candidate
+
+    # -- the metadata process ----------------------------------------------------------
+
+    def on_ready(self, ready: Sequence[Any], now: float) -> None:
+        child = self._child
+        if child is None:
+            return
+        if child.conn in ready:
+            self._read_answers(child)
+        if child.sentinel in ready and self._child is child:
+            self._parser_died(child, now)
+
+    def _read_answers(self, child: Child) -> None:
+        while True:
+            try:
+                if not child.conn.poll():
+                    return
+                seq, kind, payload = child.conn.recv()
+            except (EOFError, OSError):
+                return
+            if not self._line or self._line[0][0] != seq:
+                continue  # an answer for a request given up on (timeout)
+            _, path, sent_at = self._line.popleft()
+            now = time.monotonic()
+            self._last_answer = now
+            self._child_failures = 0
+            self.metrics.metadata_duration.observe(max(0.0, now - max(sent_at, 0.0)))
+            candidate = self._in_flight.pop(path)
+            self._answer(candidate, kind, payload)
+            self._feed()
+
+    def _answer(self, candidate: _Candidate, kind: str, payload: Any) -> None:
+        path = candidate.path
+        if kind == "meta":
+            (size, mtime_ns, dev, ino), columns = payload
+            if columns.get("metadata_error"):
+                self.metrics.metadata_problems.labels("unreadable_exif").inc()
+            self._write_row(candidate, FileStat(path, size, mtime_ns, dev, ino), columns)
+        elif kind == "skip":
+            self.metrics.files_ignored.inc()
+        else:
+            errno_name, message = payload
+            if errno_name == "ENOENT":
+                self.catalog.mark_missing(path, "the file was deleted")
+            elif formats.has_photo_extension(path):
+                reason = outcomes.PERMISSION if errno_name == "EACCES" else outcomes.IO_ERROR
+                self._row_without_metadata(candidate, outcomes.format_error(reason, message))
+            else:
+                self.log.debug("cannot read", path=display_path(path), error=message)
+        if candidate.again:
+            self.complete(path, candidate.source, time.monotonic(), candidate.walk_reason)
+
+    def _row_without_metadata(self, candidate: _Candidate, problem: str) -> None:
+        """A photo whose metadata could not be read still gets its row (it stays pending)."""
+        try:
+            st = os.lstat(candidate.path)
+        except OSError:
+            return
+        head = b""
+        with contextlib.suppress(OSError):
+            fd = os.open(candidate.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+            try:
+                head = os.read(fd, formats.SNIFF_BYTES)
+            finally:
+                os.close(fd)
+        columns = {"format": formats.detect_format(candidate.path, head), "metadata_error": problem}
+        self._write_row(candidate, FileStat.of(candidate.path, st), columns)
+
+    def _write_row(self, candidate: _Candidate, st: FileStat, columns: dict[str, Any]) -> None:
+        now = time.time()
+        self.catalog.add_image(st, columns, now)
+        action = "changed" if candidate.known_id is not None else "new"
+        self._row_written(candidate, action)
+        if columns.get("metadata_error"):
+            self.log.warning(
+                "metadata unreadable", path=display_path(st.path), problem=columns["metadata_error"]
+            )
+
+    def _row_written(self, candidate: _Candidate, action: str) -> None:
+        self.pending_delays.append(candidate.completed_at)
+        if action in ("new", "changed"):
+            self.metrics.files_discovered.labels(candidate.source).inc()
+            if candidate.source == "walk" and candidate.walk_reason not in ("start", "root"):
+                self.metrics.walk_unannounced_files.inc()
+        self.log.debug("ingested", path=display_path(candidate.path), action=action)
+        self.on_row()
+
+    def _check_parser(self, now: float) -> None:
+        child = self._child
+        if child is None:
+            if (self._ready or self._in_flight) and now >= self._restart_after:
+                self._spawn()
+            return
+        if self._line and now - max(self._line[0][2], self._last_answer) > self.metadata_timeout:
+            _, path, _ = self._line[0]
+            self.log.warning(
+                "metadata parse timed out; parser restarted",
+                path=display_path(path),
+                timeout=self.metadata_timeout,
+            )
+            self.metrics.metadata_problems.labels("timeout").inc()
+            self._give_up_head(
+                child, f"timeout: metadata parse took longer than {self.metadata_timeout:g}s"
+            )
+
+    def _parser_died(self, child: Child, now: float) -> None:
+        code = child.exitcode()
+        self.metrics.metadata_problems.labels("crashed").inc()
+        if self._line:
+            _, path, _ = self._line[0]
+            self.log.warning("metadata parser died", path=display_path(path), exitcode=code)
+            self._give_up_head(child, f"crashed: the metadata parser died ({describe_exit(code)})")
+        else:
+            self.log.warning("metadata parser died while idle", exitcode=code)
+            self._discard(child)
+
+    def _give_up_head(self, child: Child, problem: str) -> None:
+        """Kill the parser, record the file it was stuck on, and re-send the rest."""
+        _seq, path, _ = self._line.popleft()
+        candidate = self._in_flight.pop(path)
+        self._discard(child)
+        self._row_without_metadata(candidate, problem)
+        # Everything else that was in flight goes back to the front of the line.
+        rest = [self._in_flight.pop(p) for _, p, _ in self._line if p in self._in_flight]
+        self._line.clear()
+        self._ready.extendleft(reversed(rest))
+        if candidate.again:
+            candidate.again = False
+
+    def _discard(self, child: Child) -> None:
+        child.close(graceful=False)
+        self._child = None
+        self._child_failures += 1
+        # A parser that keeps dying at start-up must not spin the CPU.
+        delay = 0.0 if self._child_failures <= 1 else min(30.0, 0.5 * 2**self._child_failures)
+        self._restart_after = time.monotonic() + delay

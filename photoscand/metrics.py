@@ -1,0 +1,258 @@
+"""Every Prometheus metric the daemon exports, and the HTTP endpoint that serves them.
+
+Only the main process touches the registry: workers return their timings in their
+results and the daemon observes them here, so prometheus_client stays in plain
+single-process mode. Labels are bounded enums, pre-set to zero at start-up so that
+``rate()`` and alerts see every series from the first scrape; no label ever carries a
+path.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+
+from photoscand import __version__
+from photoscand.outcomes import DISK_FULL, REASONS
+
+STATUSES = ("pending", "converting", "done", "failed", "missing")
+DISCOVERY_SOURCES = ("event", "walk")
+CONVERSION_RESULTS = ("done", "failed", "retried", "vanished", "released")
+WORKER_RESTART_REASONS = ("crashed", "timeout", "reload")
+WATCH_EVENT_TYPES = ("created", "closed", "moved", "deleted", "dir_moved", "dir_deleted")
+STAGES = ("read", "hash", "decode", "resize", "encode", "write")
+QUEUES = ("events", "walk", "settle", "metadata")
+DISK_FULL_LOCATIONS = ("thumbnails", "catalog")
+METADATA_PROBLEMS = ("timeout", "crashed", "unreadable_exif")
+
+# Photo work spans 10 ms (a drafted JPEG) to minutes (a 100 MP TIFF or a hung RAW).
+CONVERSION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+METADATA_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 10)
+DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """The daemon's metrics in their own registry (tests make as many as they like)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        p = "photoscand_"
+
+        self.build_info = Gauge(p + "build_info", "Version of the running daemon (always 1).",
+                                ["version", "python"], registry=r)  # fmt: skip
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+
+        # -- phase 1 ----------------------------------------------------------------
+        self.files_discovered = Counter(
+            p + "files_discovered",
+            "Photos that got a new or refreshed catalog row, by what found them.",
+            ["source"], registry=r,
+        )  # fmt: skip
+        self.walk_unannounced_files = Counter(
+            p + "walk_unannounced_files",
+            "Photos a periodic walk found that no filesystem event had announced"
+            " (lost events: queue overflow, watch limit, network filesystems).",
+            registry=r,
+        )
+        self.files_ignored = Counter(
+            p + "files_ignored", "Files seen that are not photos (no row).", registry=r
+        )
+        self.metadata_duration = Histogram(
+            p + "metadata_duration_seconds",
+            "Phase 1: time to parse one file's metadata in the metadata process.",
+            buckets=METADATA_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.ingest_delay = Histogram(
+            p + "ingest_delay_seconds",
+            "Phase 1: from a file being complete (closed, moved in, settled or walked)"
+            " to its row being committed.",
+            buckets=DELAY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.metadata_problems = Counter(
+            p + "metadata_problems",
+            "Phase 1 problems that still gave a row: parser timeouts, parser crashes,"
+            " unreadable EXIF.",
+            ["problem"], registry=r,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            p + "queue_depth", "Items waiting between the daemon's stages.", ["queue"],
+            registry=r,
+        )  # fmt: skip
+
+        # -- catalog ----------------------------------------------------------------
+        self.images = Gauge(p + "images", "Catalog rows per status.", ["status"], registry=r)
+        self.oldest_pending_age = Gauge(
+            p + "oldest_pending_age_seconds",
+            "Age of the longest-waiting image not yet converted (0 when none).",
+            registry=r,
+        )
+        self.catalog_commits = Counter(p + "catalog_commits", "Catalog transactions committed.",
+                                       registry=r)  # fmt: skip
+        self.catalog_commit_duration = Histogram(
+            p + "catalog_commit_duration_seconds", "Time to commit one catalog batch.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5),
+            registry=r,
+        )  # fmt: skip
+        self.catalog_wal_bytes = Gauge(
+            p + "catalog_wal_bytes", "Size of the catalog's write-ahead log.", registry=r
+        )
+        self.disk_full = Gauge(
+            p + "disk_full",
+            "1 while a full disk pauses work (thumbnails: phase 2; catalog: all writes).",
+            ["location"], registry=r,
+        )  # fmt: skip
+
+        # -- phase 2 ----------------------------------------------------------------
+        self.conversions = Counter(
+            p + "conversions", "Conversion outcomes.", ["result"], registry=r
+        )
+        self.conversion_failures = Counter(
+            p + "conversion_failures",
+            "Conversion failures by reason (transient ones count each attempt).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.conversion_duration = Histogram(
+            p + "conversion_duration_seconds",
+            "Phase 2: time a worker spent on one image (read, decode, resize, encode).",
+            buckets=CONVERSION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.conversion_stage_seconds = Counter(
+            p + "conversion_stage_seconds",
+            "Worker time per conversion stage (where phase 2's time goes).",
+            ["stage"], registry=r,
+        )  # fmt: skip
+        self.workers = Gauge(p + "workers", "Worker processes alive.", registry=r)
+        self.workers_busy = Gauge(p + "workers_busy", "Workers converting an image now.",
+                                  registry=r)  # fmt: skip
+        self.worker_restarts = Counter(
+            p + "worker_restarts", "Workers replaced, by why.", ["reason"], registry=r
+        )
+        self.worker_busy_seconds = Counter(
+            p + "worker_busy_seconds", "Time workers spent holding a job.", registry=r
+        )
+
+        # -- prefetch (io.mode: prefetch) ------------------------------------------------
+        self.prefetch_window_bytes = Gauge(
+            p + "prefetch_window_bytes", "Bytes of photos held in the prefetch window.",
+            registry=r,
+        )  # fmt: skip
+        self.prefetch_window_limit_bytes = Gauge(
+            p + "prefetch_window_limit_bytes",
+            "The prefetch window's size (io.prefetch_window_mb).",
+            registry=r,
+        )  # fmt: skip
+        self.prefetch_bytes_read = Counter(
+            p + "prefetch_bytes_read", "Bytes the prefetcher read from disk.", registry=r
+        )
+        self.prefetch_read_seconds = Counter(
+            p + "prefetch_read_seconds",
+            "Time the prefetcher spent reading (bytes_read / this = read throughput).",
+            registry=r,
+        )
+        self.worker_wait_seconds = Counter(
+            p + "worker_wait_seconds",
+            "Time idle workers waited for input while images were pending.",
+            registry=r,
+        )
+        self.prefetch_reader_wait_seconds = Counter(
+            p + "prefetch_reader_wait_seconds",
+            "Time the prefetcher waited for space in the window.",
+            registry=r,
+        )
+
+        # -- watching ---------------------------------------------------------------
+        self.watch_events = Counter(
+            p + "watch_events", "Filesystem events received, by type.", ["type"], registry=r
+        )
+        self.watch_events_dropped = Counter(
+            p + "watch_events_dropped",
+            "Events dropped because the daemon's event queue was full (a walk catches up).",
+            registry=r,
+        )
+        self.watch_overflows = Counter(
+            p + "watch_overflows", "Kernel event-queue overflows reported by inotify.", registry=r
+        )
+        self.watches = Gauge(
+            p + "watches", "inotify watches registered (one per watched directory).", registry=r
+        )
+        self.watched_directories = Gauge(
+            p + "watched_directories", "Directories the last walk found under the roots.",
+            registry=r,
+        )  # fmt: skip
+        self.observer_restarts = Counter(
+            p + "observer_restarts", "Times the filesystem observer died and was restarted.",
+            registry=r,
+        )  # fmt: skip
+        self.roots_unavailable = Gauge(
+            p + "roots_unavailable",
+            "Watched roots that are missing, unreadable or look unmounted.", registry=r,
+        )  # fmt: skip
+        self.last_walk_completed = Gauge(
+            p + "last_walk_completed_timestamp_seconds",
+            "When the last full walk of the watched roots finished (unix time).", registry=r,
+        )  # fmt: skip
+        self.walk_duration = Gauge(
+            p + "last_walk_duration_seconds", "How long the last full walk took.", registry=r
+        )
+
+        self._preset()
+
+    def _preset(self) -> None:
+        for source in DISCOVERY_SOURCES:
+            self.files_discovered.labels(source)
+        for status in STATUSES:
+            self.images.labels(status)
+        for result in CONVERSION_RESULTS:
+            self.conversions.labels(result)
+        for reason in (*REASONS, DISK_FULL):
+            self.conversion_failures.labels(reason)
+        for reason in WORKER_RESTART_REASONS:
+            self.worker_restarts.labels(reason)
+        for event_type in WATCH_EVENT_TYPES:
+            self.watch_events.labels(event_type)
+        for stage in STAGES:
+            self.conversion_stage_seconds.labels(stage)
+        for queue in QUEUES:
+            self.queue_depth.labels(queue)
+        for location in DISK_FULL_LOCATIONS:
+            self.disk_full.labels(location)
+        for problem in METADATA_PROBLEMS:
+            self.metadata_problems.labels(problem)
+
+    def set_counts(self, counts: dict[str, int]) -> None:
+        for status in STATUSES:
+            self.images.labels(status).set(counts.get(status, 0))
+
+    def observe_stages(self, timings: dict[str, float]) -> None:
+        for stage, seconds in timings.items():
+            if stage in STAGES:
+                self.conversion_stage_seconds.labels(stage).inc(max(seconds, 0.0))
+
+
+class MetricsServer:
+    """The HTTP endpoint, in its own thread so it answers while workers are saturated."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        self._server: Any
+        self._thread: threading.Thread
+        self._server, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
+        self.address = self._server.server_address
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

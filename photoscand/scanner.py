@@ -1,0 +1,281 @@
+"""Walks of the watched roots: the truth that events only hint at.
+
+The walker runs in its own thread so a walk over a large or slow tree never stalls the
+daemon's loop. It compares what it finds with the catalog through its own read-only
+connection (WAL lets it read while the daemon writes) and reports only what differs:
+new or changed files, and rows whose files are gone. It never follows symlinks (a link
+leaving the tree is never read; a loop cannot hang the walk) and keeps a set of
+visited folders by (st_dev, st_ino) for bind mounts that loop back.
+
+A root that is missing, unreadable or empty while the catalog holds images under it is
+reported, never read as "everything was deleted" (an unmounted disk looks like that).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from photoscand import formats
+from photoscand.catalog import Catalog, CatalogError, FileStat
+
+# Folders never entered: hidden ones (caches, sync tools' state) and Synology's
+# thumbnail folders.
+SKIPPED_DIRS = frozenset({b"@eaDir", b"#recycle", b"lost+found"})
+
+
+def is_ignored_name(name: bytes) -> bool:
+    """True for file names the daemon never catalogs: temporary and hidden names."""
+    return formats.is_temporary_name(name)
+
+
+def is_skipped_dir(name: bytes) -> bool:
+    return name.startswith(b".") or name in SKIPPED_DIRS
+
+
+def relative_parts_ignored(path: bytes, roots: Sequence[bytes]) -> bool:
+    """True when a path lies in a skipped folder or has an ignored name under its root."""
+    for root in roots:
+        prefix = root.rstrip(b"/") + b"/"
+        if path.startswith(prefix):
+            parts = path[len(prefix) :].split(b"/")
+            return is_ignored_name(parts[-1]) or any(is_skipped_dir(p) for p in parts[:-1])
+    return True  # not under any root: never ours
+
+
+@dataclass(frozen=True, slots=True)
+class WalkItem:
+    """A file the walk found that the catalog does not hold as it is."""
+
+    stat: FileStat
+    reason: str  # why the walk ran: "start", "periodic", "overflow", "root", "request"
+    at: float  # monotonic time it was found
+
+
+@dataclass(frozen=True, slots=True)
+class Vanished:
+    """A row whose file the walk did not find (checked again by the daemon)."""
+
+    image_id: int
+    path: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RootProblem:
+    """A root that cannot be walked, or that looks unmounted."""
+
+    root: bytes
+    message: str
+
+
+@dataclass(slots=True)
+class WalkDone:
+    """End of one walk."""
+
+    reason: str
+    roots: tuple[bytes, ...]
+    files: int = 0
+    directories: int = 0
+    reported: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+
+WalkOutput = WalkItem | Vanished | RootProblem | WalkDone
+
+
+class Walker(threading.Thread):
+    """The walk thread. Ask for walks with :meth:`request`; results arrive on ``output``.
+
+    Args:
+        roots: absolute root paths (bytes).
+        catalog_path: the catalog file, opened read-only here.
+        output: the bounded queue the daemon drains (the walk blocks when it is full:
+            that is the back-pressure that keeps a huge walk from filling memory).
+        wake: called after putting something on ``output``.
+    """
+
+    def __init__(
+        self,
+        roots: Sequence[bytes],
+        catalog_path: str,
+        output: queue.Queue[WalkOutput],
+        *,
+        wake: Callable[[], None] = lambda: None,
+    ) -> None:
+        super().__init__(name="photoscand-walker", daemon=True)
+        self.roots = tuple(roots)
+        self.catalog_path = catalog_path
+        self.output = output
+        self._wake = wake
+        self._requests: queue.Queue[tuple[str, tuple[bytes, ...]] | None] = queue.Queue()
+        self._stop_event = threading.Event()
+        self.busy = threading.Event()
+        self._catalog: Catalog | None = None
+
+    # -- control (daemon thread) ---------------------------------------------------
+
+    def request(self, reason: str, roots: Sequence[bytes] | None = None) -> None:
+        """Queue a walk of some roots (all by default)."""
+        self._requests.put((reason, tuple(roots) if roots else self.roots))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self._requests.put(None)
+
+    @property
+    def idle(self) -> bool:
+        return not self.busy.is_set() and self._requests.empty()
+
+    # -- the thread ----------------------------------------------------------------
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            request = self._requests.get()
+            if request is None:
+                break
+            self.busy.set()
+            try:
+                reason, roots = request
+                # Coalesce queued requests: one walk answers them all.
+                while True:
+                    try:
+                        extra = self._requests.get_nowait()
+                    except queue.Empty:
+                        break
+                    if extra is None:
+                        self._stop_event.set()
+                        break
+                    roots = tuple(dict.fromkeys(roots + extra[1]))
+                if not self._stop_event.is_set():
+                    self._walk(reason, roots)
+            finally:
+                self.busy.clear()
+                self._wake()
+        if self._catalog is not None:
+            self._catalog.close()
+
+    def _put(self, item: WalkOutput) -> bool:
+        while not self._stop_event.is_set():
+            try:
+                self.output.put(item, timeout=0.5)
+            except queue.Full:
+                continue
+            self._wake()
+            return True
+        return False
+
+    def _open_catalog(self) -> Catalog | None:
+        if self._catalog is None:
+            try:
+                self._catalog = Catalog(self.catalog_path, readonly=True)
+            except CatalogError:
+                return None
+        return self._catalog
+
+    def _walk(self, reason: str, roots: tuple[bytes, ...]) -> None:
+        started = time.monotonic()
+        done = WalkDone(reason, roots)
+        catalog = self._open_catalog()
+        for root in roots:
+            if self._stop_event.is_set():
+                return
+            self._walk_root(root, reason, catalog, done)
+        done.seconds = time.monotonic() - started
+        self._put(done)
+
+    def _walk_root(self, root: bytes, reason: str, catalog: Catalog | None, done: WalkDone) -> None:
+        known = catalog.count_under(root) if catalog is not None else 0
+        try:
+            st = os.stat(root)
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectoryError(0, "not a folder")
+            with os.scandir(root) as it:
+                empty = next(it, None) is None
+        except OSError as exc:
+            self._put(RootProblem(root, f"cannot read the watched folder: {exc.strerror or exc}"))
+            return
+        if empty and known:
+            self._put(
+                RootProblem(
+                    root,
+                    f"the watched folder is empty but the catalog holds {known} images under"
+                    " it; it looks unmounted, so nothing is marked missing",
+                )
+            )
+            return
+        seen: set[bytes] = set()
+        visited: set[tuple[int, int]] = {(st.st_dev, st.st_ino)}
+        stack = [root]
+        partial = False
+        while stack:
+            if self._stop_event.is_set():
+                return
+            folder = stack.pop()
+            try:
+                entries = list(os.scandir(folder))
+            except OSError as exc:
+                # An unreadable subfolder: its rows are not marked missing.
+                partial = True
+                done.errors.append(f"{folder.decode(errors='replace')}: {exc.strerror or exc}")
+                continue
+            done.directories += 1
+            for entry in entries:
+                name = entry.name
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if is_skipped_dir(name):
+                            continue
+                        dst = entry.stat(follow_symlinks=False)
+                        key = (dst.st_dev, dst.st_ino)
+                        if key not in visited:
+                            visited.add(key)
+                            stack.append(entry.path)
+                        continue
+                    if not entry.is_file(follow_symlinks=False) or is_ignored_name(name):
+                        continue
+                    fst = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                path = entry.path
+                seen.add(path)
+                done.files += 1
+                if catalog is not None:
+                    row = catalog.lookup(path)
+                    if (
+                        row is not None
+                        and row.status != "missing"
+                        and (row.size, row.mtime_ns, row.ino)
+                        == (fst.st_size, fst.st_mtime_ns, fst.st_ino)
+                    ):
+                        continue
+                if not formats.has_photo_extension(name) and not _has_photo_signature(path):
+                    continue
+                done.reported += 1
+                if not self._put(WalkItem(FileStat.of(path, fst), reason, time.monotonic())):
+                    return
+        if catalog is None or partial:
+            return
+        for image_id, path, status in catalog.rows_under(root):
+            if status != "missing" and path not in seen and not self._put(Vanished(image_id, path)):
+                return
+
+
+def _has_photo_signature(path: bytes) -> bool:
+    """Read a file's first bytes to see whether it is a photo under another name."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        head = os.read(fd, formats.SNIFF_BYTES)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return formats.sniff_format(head) is not None

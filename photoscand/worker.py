@@ -1,0 +1,258 @@
+"""Code that runs in the daemon's child processes: the metadata parser and the converters.
+
+Children are started by the supervisor with the ``forkserver`` method (the daemon has
+threads, so plain fork is unsafe), get plain data, and talk to the daemon over one pipe
+each. They never open the catalog and never touch metrics: they receive a job, do it,
+and send back a result. The daemon kills them on a timeout, so nothing here needs to
+guard against hangs in the libraries it calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import resource
+import signal
+import stat
+import sys
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from photoscand import outcomes
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent exits.
+
+    A worker whose daemon was killed must not keep converting: a restarted daemon
+    would then convert the same image twice in parallel. With forkserver the parent
+    is the fork server, which itself exits as soon as the daemon's end of its pipe
+    closes, so the chain holds.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pipe's EOF still ends the loop
+        pass
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def _child_setup(nice: int = 0) -> None:
+    # Ctrl-C on a terminal, or `timeout`/`kill -- -PGID`, signals the whole process
+    # group; the daemon decides when children stop (it finishes the images in hand,
+    # then SIGKILLs what is left), so they ignore these.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
+    # Only the main process may talk to systemd (NotifyAccess=main).
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(name, None)
+    _die_with_parent()
+    if nice:
+        with contextlib.suppress(OSError):
+            os.nice(nice)
+
+
+def _limit_memory(limit_mb: int) -> None:
+    """Cap this process's address space so a decompression bomb fails one image.
+
+    RLIMIT_AS counts mapped libraries too; they are mapped already when this runs,
+    so the limit is raised by what is mapped now.
+    """
+    if limit_mb <= 0:
+        return
+    mapped = _mapped_bytes()
+    limit = mapped + limit_mb * 1024 * 1024
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _mapped_bytes() -> int:
+    try:
+        with open("/proc/self/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# -- phase 1: the metadata process ----------------------------------------------------
+
+
+def metadata_main(conn: Connection) -> None:
+    """Parse one file at a time for the daemon's phase 1.
+
+    Requests are ``(seq, path)``; replies are ``(seq, kind, payload)`` with kind
+    ``"meta"`` (stat tuple, column dict), ``"skip"`` (not a photo / not a regular
+    file: a short why) or ``"oserror"`` (errno name, message). ``None`` ends the loop.
+    """
+    _child_setup()
+    from photoscand import metadata  # imported here: a converter problem must not stop phase 1
+
+    global _read_metadata
+    _read_metadata = metadata.read_metadata
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            return
+        if request is None:
+            return
+        seq, path = request
+        conn.send((seq, *_parse_one(path)))
+
+
+def _parse_one(path: bytes) -> tuple[str, Any]:
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return "skip", "not a regular file"
+        meta = _read_metadata(path)
+    except OSError as exc:
+        return "oserror", (errno.errorcode.get(exc.errno or 0, "EIO"), exc.strerror or str(exc))
+    if meta is None:
+        return "skip", "not a photo"
+    try:
+        # The row should describe the bytes that were parsed: stat again after reading.
+        after = os.lstat(path)
+    except OSError as exc:
+        return "oserror", (errno.errorcode.get(exc.errno or 0, "EIO"), exc.strerror or str(exc))
+    columns = {name: getattr(meta, name) for name in _META_FIELDS}
+    columns["metadata_error"] = meta.error
+    identity = (after.st_size, after.st_mtime_ns, after.st_dev, after.st_ino)
+    return "meta", (identity, columns)
+
+
+_read_metadata: Any = None
+
+_META_FIELDS = (
+    "format", "width", "height", "orientation", "taken_at", "make", "model", "lens", "iso",
+    "exposure_time", "f_number", "focal_length", "gps_lat", "gps_lon", "gps_alt", "exif",
+    "disk_offset",
+)  # fmt: skip
+
+
+# -- phase 2: the conversion workers ---------------------------------------------------
+
+
+def conversion_main(conn: Connection, settings: dict[str, Any]) -> None:
+    """Convert one image at a time for the daemon's phase 2.
+
+    ``settings`` holds the thumbnail spec, the backend and the memory limit. Jobs are
+    dicts (see :func:`convert_job`); ``None`` ends the loop.
+    """
+    _child_setup(nice=settings.get("nice", 0))
+    from photoscand import converters  # imported here: phase 1's process does not need it
+
+    spec = converters.ThumbnailSpec(
+        sizes=tuple(settings["sizes"]),
+        format=settings["format"],
+        quality=settings["quality"],
+        out_dir=settings["out_dir"],
+        max_pixels=settings["max_pixels"],
+    )
+    backend = settings["backend"]
+    _limit_memory(settings.get("memory_limit_mb", 0))
+    conn.send({"ready": os.getpid()})
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        conn.send(convert_job(job, spec, backend))
+
+
+def _read_whole(path: bytes) -> bytes:
+    """Read a file in one go and make sure it did not change while it was read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file")
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        chunks = []
+        remaining = before.st_size
+        while True:
+            chunk = os.read(fd, max(remaining, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or len(
+        data
+    ) != after.st_size:
+        raise _ChangedWhileRead()
+    return data
+
+
+class _ChangedWhileRead(Exception):
+    pass
+
+
+def convert_job(job: dict[str, Any], spec: Any, backend: str) -> dict[str, Any]:
+    """Read a photo once, convert it, and describe the outcome as plain data.
+
+    Job keys: ``id``, ``path`` (bytes), ``format`` and ``orientation`` (hints from
+    phase 1), optionally ``data`` (bytes already read by the prefetcher).
+    """
+    from photoscand import converters
+
+    started = time.perf_counter()
+    result: dict[str, Any] = {"id": job["id"], "ok": False}
+    try:
+        data = job.get("data")
+        if data is None:
+            data = _read_whole(job["path"])
+        read_seconds = time.perf_counter() - started
+        conversion = converters.convert(
+            data,
+            spec,
+            backend=backend,
+            format_hint=job.get("format"),
+            orientation=job.get("orientation"),
+        )
+    except FileNotFoundError as exc:
+        result.update(reason=outcomes.VANISHED, message=f"file disappeared: {exc.strerror}")
+    except PermissionError as exc:
+        result.update(reason=outcomes.PERMISSION, message=f"cannot read: {exc.strerror}")
+    except _ChangedWhileRead:
+        result.update(reason=outcomes.IO_ERROR, message="the file changed while it was read")
+    except converters.ConversionError as exc:
+        result.update(reason=exc.reason, message=exc.message)
+    except MemoryError:
+        result.update(reason=outcomes.TOO_LARGE, message="out of memory (workers.memory_limit_mb)")
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            result.update(reason=outcomes.DISK_FULL, message=str(exc))
+        else:
+            result.update(reason=outcomes.IO_ERROR, message=f"{exc.strerror or exc}")
+    except Exception as exc:  # a decoder bug must fail this image only
+        result.update(reason=outcomes.CORRUPT, message=f"{type(exc).__name__}: {exc}")
+    else:
+        result.update(
+            ok=True,
+            content_hash=conversion.content_hash,
+            thumbnails=[(t.size, t.path, t.width, t.height) for t in conversion.thumbnails],
+            timings={"read": read_seconds, **conversion.timings},
+        )
+    result["bytes"] = len(data) if "data" in locals() and data is not None else 0
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover - workers are started by the supervisor
+    sys.exit("photoscand.worker is started by the daemon")
