@@ -1,12 +1,20 @@
-"""Shared test fixtures: where the photo corpus lives and what its manifest says."""
+"""Shared test fixtures: the photo corpus and its manifest, and the real daemon as a subprocess."""
 
 from __future__ import annotations
 
 import csv
 import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 # The team's corpus sits beside the repository (../shared/corpus); PHOTOSCAND_TEST_CORPUS
@@ -32,3 +40,155 @@ def corpus_dir() -> Path:
 def manifest(corpus_dir: Path) -> list[dict[str, str]]:
     """MANIFEST.csv rows, one per corpus file."""
     return load_manifest()
+
+
+# -- the real daemon as a subprocess ---------------------------------------------------
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
+             message: str = "condition") -> Any:  # fmt: skip
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+class DaemonProcess:
+    """``photoscand run`` (or ``scan``) started as a real subprocess on a temporary config."""
+
+    def __init__(self, root: Path, settings: dict[str, Any] | None = None) -> None:
+        self.root = root
+        self.photos = root / "photos"
+        self.photos.mkdir(parents=True, exist_ok=True)
+        self.var = root / "var"
+        config: dict[str, Any] = {
+            "watch": {"paths": [str(self.photos)], "settle_seconds": 1.0,
+                      "rescan_interval_seconds": 0},
+            "catalog": {"path": str(self.var / "photoscand.db")},
+            "thumbnails": {"dir": str(self.var / "thumbnails"), "sizes": [256, 64]},
+            "workers": {"count": 2, "timeout_seconds": 30, "retry_backoff_seconds": 0.5,
+                        "stop_timeout_seconds": 5},
+            "metrics": {"listen": ""},
+            "logging": {"format": "json", "level": "debug"},
+        }  # fmt: skip
+        for section, values in (settings or {}).items():
+            config.setdefault(section, {}).update(values)
+        self.config = config
+        self.config_path = root / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = root / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.runs = 0
+
+    @property
+    def catalog_path(self) -> Path:
+        return Path(self.config["catalog"]["path"])
+
+    def rewrite_config(self, **sections: dict[str, Any]) -> None:
+        for section, values in sections.items():
+            self.config.setdefault(section, {}).update(values)
+        self.config_path.write_text(yaml.safe_dump(self.config))
+
+    def start(self, command: str = "run", *extra: str) -> DaemonProcess:
+        self.runs += 1
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child until it exits
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "photoscand", command, "--config", str(self.config_path),
+             *extra],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+        )  # fmt: skip
+        log.close()
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Ready once the start-up walk finished (the log says so)."""
+        wait_for(lambda: self.log_text().count('"walk finished"') >= self.runs
+                 or self.proc.poll() is not None, timeout, message="the start-up walk")  # fmt: skip
+        assert self.proc is not None and self.proc.poll() is None, self.log_text()[-3000:]
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(
+                "daemon did not stop in time:\n" + self.log_text()[-3000:]
+            ) from None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        if not self.catalog_path.exists():
+            return []
+        conn = sqlite3.connect(f"file:{self.catalog_path}?mode=ro", uri=True, timeout=5)
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
+        finally:
+            conn.close()
+
+    def rows(self) -> dict[bytes, tuple[Any, ...]]:
+        """path -> (id, status, error, size) for every row."""
+        return {bytes(r[0]): r[1:] for r in
+                self.query("SELECT path, id, status, error, size FROM images")}  # fmt: skip
+
+    def row(self, path: Path | bytes) -> tuple[Any, ...] | None:
+        key = path if isinstance(path, bytes) else os.fsencode(str(path))
+        return self.rows().get(key)
+
+    def wait_row(self, path: Path | bytes, status: str | None = None,
+                 timeout: float = 30.0) -> tuple[Any, ...]:  # fmt: skip
+        def found() -> tuple[Any, ...] | None:
+            row = self.row(path)
+            if row is not None and (status is None or row[1] == status):
+                return row
+            return None
+
+        return wait_for(found, timeout, message=f"row for {path!r} ({status or 'any'})")
+
+    def wait_settled(
+        self,
+        count: int,
+        timeout: float = 120.0,
+        statuses: tuple[str, ...] = ("done", "failed", "missing"),
+    ) -> None:
+        """Wait until ``count`` rows exist and all of them have a final status."""
+
+        def settled() -> bool:
+            rows = self.query("SELECT status FROM images")
+            return len(rows) >= count and all(r[0] in statuses for r in rows)
+
+        wait_for(settled, timeout, message=f"{count} rows in a final state")
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Make daemons under tmp_path; every one is stopped at the end of the test."""
+    made: list[DaemonProcess] = []
+
+    def make(settings: dict[str, Any] | None = None, name: str = "d") -> DaemonProcess:
+        daemon = DaemonProcess(tmp_path / name, settings)
+        made.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in made:
+        daemon.kill()
