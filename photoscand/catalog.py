@@ -20,7 +20,7 @@ import os
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -525,8 +525,20 @@ class Catalog:
             "UPDATE images SET status = 'pending' WHERE status = 'converting'"
         ).rowcount
 
-    def claim(self, limit: int, now: float, *, disk_order: bool = False) -> list[Job]:
-        """Up to ``limit`` pending rows whose back-off has passed, marked ``converting``."""
+    def claim(
+        self,
+        limit: int,
+        now: float,
+        *,
+        disk_order: bool = False,
+        exclude: Collection[int] = (),
+    ) -> list[Job]:
+        """Up to ``limit`` pending rows whose back-off has passed, marked ``converting``.
+
+        ``exclude`` names rows a worker still holds: a file that changed while it was
+        converted is pending again, but must not be converted twice in parallel; the
+        stale result is dropped when it arrives (the row is no longer ``converting``).
+        """
         if limit <= 0 or self._backlog is not None:
             return []
         order = "dev, disk_offset, ino, id" if disk_order else "id"
@@ -536,8 +548,10 @@ class Catalog:
             f" disk_offset FROM images INDEXED BY {index}"
             " WHERE status = 'pending' AND (retry_at IS NULL OR retry_at <= ?)"
             f" ORDER BY {order} LIMIT ?",
-            (now, limit),
+            (now, limit + len(exclude)),
         ).fetchall()
+        if exclude:
+            rows = [row for row in rows if row[0] not in exclude][:limit]
         if not rows:
             return []
         ids = [row[0] for row in rows]

@@ -479,7 +479,8 @@ class Supervisor:
                 return 0
             limit = 1
             self._disk_probe_at = now + DISK_FULL_PROBE_SECONDS
-        jobs = self.catalog.claim(limit, time.time(), disk_order=disk_order)
+        held = {job.id for job in self.in_hand()}
+        jobs = self.catalog.claim(limit, time.time(), disk_order=disk_order, exclude=held)
         if len(jobs) < limit:
             self._work_maybe_pending = False
             self._next_retry_at = self.catalog.next_retry_at()

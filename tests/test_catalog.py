@@ -232,3 +232,14 @@ def test_disk_full_keeps_writes_and_replays_them(tmp_path: Path) -> None:
     assert cat.counts()["pending"] == 7
     assert cat.integrity_check() == "ok"
     cat.close()
+
+
+def test_a_row_in_hand_is_not_claimed_twice_after_it_changed(catalog: Catalog) -> None:
+    now = time.time()
+    image_id = catalog.add_image(stat_of(b"/p/a.jpg"), META, now)
+    (job,) = catalog.claim(1, now)
+    catalog.add_image(stat_of(b"/p/a.jpg", size=5), META, now)  # changed while converting
+    assert catalog.claim(5, now, exclude={job.id}) == []
+    catalog.release(job.id)  # the stale job ends: the row stays pending for the new bytes
+    (again,) = catalog.claim(5, now)
+    assert again.id == image_id and again.size == 5
