@@ -1,0 +1,286 @@
+"""The ImageMagick backend: one `magick`/`convert` child per image writes every size.
+
+Hazards: ImageMagick reads hostile bytes with many coders, so it runs under the restrictive
+policy.xml beside this file (MAGICK_CONFIGURE_PATH), with resource limits on the command line,
+and the input goes to it on stdin behind an explicit coder (``jpeg:-``), never as a name, so
+nothing in a photo's name can become an option, a coder or a path. The child must not outlive
+the worker: it gets its own process group and PR_SET_PDEATHSIG, and is killed (group and all)
+whenever the worker stops waiting for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+from PIL import Image
+
+from photoscand import outcomes
+from photoscand.converters import jpegdraft
+from photoscand.converters.model import ConversionError, Thumbnail, ThumbnailSpec
+from photoscand.converters.output import commit_file, discard, make_folder, temp_name
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+POLICY_DIR = HERE  # policy.xml
+SRGB_PROFILE = os.path.join(HERE, "srgb.icc")
+
+# ImageMagick's own limits: the wall-clock fence of last resort (the daemon's per-image
+# timeout normally kills the worker, and with it this child, long before).
+TIME_LIMIT_SECONDS = 300
+MEMORY_LIMIT = "256MiB"  # pixel cache in memory; beyond it the cache is memory-mapped
+MAP_LIMIT = "512MiB"
+DISK_LIMIT = "1GiB"
+
+# Sniffed format -> ImageMagick coder; reading stops after the first frame/page ([0]).
+CODERS: dict[str, str] = {
+    "jpeg": "jpeg",
+    "png": "png",
+    "gif": "gif",
+    "webp": "webp",
+    "tiff": "tiff",
+    "heif": "heic",
+    "avif": "avif",
+}
+_OUTPUT_CODERS = {"jpeg": "jpeg", "webp": "webp"}
+
+_PR_SET_PDEATHSIG = 1
+_libc: ctypes.CDLL | None = None
+
+_TOO_LARGE = (
+    "exceeds limit",
+    "resource limit",
+    "cache resources exhausted",
+    "memory allocation failed",
+    "too large",
+    "pixel cache allocation failed",
+)
+_TRUNCATED = (
+    "premature end of jpeg file",
+    "insufficient image data",
+    "unexpected end-of-file",
+    "unexpected end of file",
+    "read error",
+    "truncated",
+    "end of data",
+)
+_UNSUPPORTED = (
+    "no decode delegate",
+    "not authorized",
+    "delegate library support not built-in",
+    "unsupported",
+    "not supported",
+    "compression not",
+)
+_TIMEOUT = ("time limit exceeded",)
+
+
+@functools.lru_cache(maxsize=1)
+def program() -> str | None:
+    """The ImageMagick command: `magick` (IM7), else `convert` (IM6); None if neither works."""
+    for name in ("magick", "convert"):
+        path = shutil.which(name)
+        if path is None:
+            continue
+        try:
+            done = subprocess.run(
+                [path, "-version"], capture_output=True, timeout=30, check=False, text=True
+            )
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if done.returncode == 0 and "ImageMagick" in done.stdout:
+            return path
+    return None
+
+
+def missing() -> str | None:
+    return None if program() is not None else "ImageMagick"
+
+
+def child_environment() -> dict[str, str]:
+    """The child's environment: our policy first on the configuration path, one thread."""
+    env = dict(os.environ)
+    env["MAGICK_CONFIGURE_PATH"] = POLICY_DIR
+    env["MAGICK_THREAD_LIMIT"] = "1"
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def command(
+    fmt: str, spec: ThumbnailSpec, size_hint: tuple[int, int], outputs: list[tuple[int, str]]
+) -> list[str]:
+    """The argument list (never a shell string). outputs: (size, relative temp name), largest
+    first; each size is made from the previous, already oriented and converted one."""
+    exe = program()
+    if exe is None:
+        raise ConversionError(outcomes.UNSUPPORTED, "ImageMagick is not installed")
+    coder = CODERS[fmt]
+    out_coder = _OUTPUT_CODERS[spec.format]
+    argv = [exe]
+    for name, value in (
+        ("thread", "1"),
+        ("memory", MEMORY_LIMIT),
+        ("map", MAP_LIMIT),
+        ("disk", DISK_LIMIT),
+        ("area", str(spec.max_pixels)),
+        ("time", str(TIME_LIMIT_SECONDS)),
+    ):
+        argv += ["-limit", name, value]
+    if fmt == "jpeg":
+        # Shrink-on-load: libjpeg decodes at the smallest DCT scale that covers this size.
+        argv += ["-define", f"jpeg:size={size_hint[0]}x{size_hint[1]}"]
+    argv.append(f"{coder}:-[0]")
+    for i, (size, name) in enumerate(outputs):
+        # '>' only ever shrinks; -thumbnail keeps the colour profile until -profile uses it.
+        argv += ["-thumbnail", f"{size}x{size}>"]
+        if i == 0:
+            # Colour and orientation once, on the largest thumbnail (never the full picture).
+            if os.path.exists(SRGB_PROFILE):
+                argv += ["-profile", SRGB_PROFILE]
+            argv += ["-colorspace", "sRGB", "-auto-orient"]
+            if spec.format == "jpeg":
+                argv += ["-background", "white", "-alpha", "remove", "-alpha", "off"]
+            argv += ["-strip", "-quality", str(spec.quality)]
+        target = f"{out_coder}:{name}"
+        argv += ["-write", target] if i < len(outputs) - 1 else [target]
+    return argv
+
+
+def convert(
+    data: bytes | memoryview,
+    fmt: str,
+    spec: ThumbnailSpec,
+    full_size: tuple[int, int] | None,
+    paths: dict[int, str],
+    timings: dict[str, float],
+) -> dict[int, Thumbnail]:
+    """Run ImageMagick once for every size; full_size (from the header, if known) sizes the
+    shrink-on-load hint."""
+    sizes = sorted(paths, reverse=True)
+    folder = make_folder(paths[sizes[0]])
+    temps = {size: temp_name(paths[size]) for size in sizes}
+    largest = sizes[0]
+    hint = jpegdraft.fitted(*full_size, largest) if full_size else (largest, largest)
+    argv = command(fmt, spec, hint, [(s, os.path.basename(temps[s])) for s in sizes])
+    clock = time.perf_counter()
+    try:
+        stderr = run(argv, data, cwd=folder)
+        timings["magick"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        written: dict[int, Thumbnail] = {}
+        for size in sizes:
+            try:
+                with Image.open(temps[size]) as im:
+                    width, height = im.size
+            except (OSError, ValueError, SyntaxError) as exc:
+                raise ConversionError(
+                    outcomes.CORRUPT, f"ImageMagick wrote no readable {spec.format}: {stderr}"
+                ) from exc
+            commit_file(temps[size], paths[size])
+            written[size] = Thumbnail(size, paths[size], width, height)
+        timings["write"] = time.perf_counter() - clock
+        return written
+    finally:
+        for tmp in temps.values():
+            discard(tmp)
+
+
+def run(argv: list[str], data: bytes | memoryview, cwd: str) -> str:
+    """Run one ImageMagick child on data (stdin); return its warnings or raise for its errors."""
+    global _libc
+    if _libc is None:
+        # Loaded here, in the worker, so the forked child only has to call it.
+        _libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=cwd,
+            env=child_environment(),
+            close_fds=True,
+            process_group=0,
+            preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+        )
+    except OSError as exc:
+        raise ConversionError(
+            outcomes.UNSUPPORTED, f"cannot start ImageMagick ({argv[0]}): {exc.strerror}"
+        ) from exc
+    try:
+        try:
+            _out, err = proc.communicate(bytes(data), timeout=TIME_LIMIT_SECONDS + 10)
+        except subprocess.TimeoutExpired:
+            raise ConversionError(
+                outcomes.TIMEOUT, f"ImageMagick ran longer than {TIME_LIMIT_SECONDS} s"
+            ) from None
+    finally:
+        if proc.returncode is None:
+            _kill_group(proc)
+    text = err.decode("utf-8", "replace")
+    if proc.returncode != 0:
+        raise error_for(proc.returncode, text)
+    lowered = text.lower()
+    if "premature end of jpeg file" in lowered:
+        # ImageMagick "succeeds" on a truncated JPEG, filling the rest with grey.
+        raise ConversionError(outcomes.TRUNCATED, f"jpeg data ends early: {_summary(text)}")
+    return _summary(text)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """preexec_fn, in the forked child before exec: die with the worker.
+
+    preexec_fn is unsafe in a multi-threaded parent (a lock held by another thread at fork
+    stays locked forever in the child); the converter worker is single-threaded, so it is safe
+    here. PR_SET_PDEATHSIG fires when the forking thread dies: the worker's only thread.
+    """
+    assert _libc is not None
+    if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        os._exit(126)
+    if os.getppid() != parent_pid:  # the worker died before prctl took effect
+        os._exit(126)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the child's whole process group (its own delegates included) and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def error_for(returncode: int, stderr: str) -> ConversionError:
+    """Map a failed ImageMagick run to a reason by its messages."""
+    lowered = stderr.lower()
+    summary = _summary(stderr) or f"exit status {returncode}"
+    if returncode < 0:
+        return ConversionError(
+            outcomes.CRASHED, f"ImageMagick died of signal {-returncode}: {summary}"
+        )
+    if any(word in lowered for word in _TIMEOUT):
+        return ConversionError(outcomes.TIMEOUT, f"ImageMagick: {summary}")
+    if any(word in lowered for word in _TOO_LARGE):
+        return ConversionError(outcomes.TOO_LARGE, f"ImageMagick: {summary}")
+    if any(word in lowered for word in _UNSUPPORTED):
+        return ConversionError(outcomes.UNSUPPORTED, f"ImageMagick: {summary}")
+    if any(word in lowered for word in _TRUNCATED):
+        return ConversionError(outcomes.TRUNCATED, f"ImageMagick: {summary}")
+    return ConversionError(outcomes.CORRUPT, f"ImageMagick: {summary}")
+
+
+def _summary(stderr: str) -> str:
+    """The first distinct message of ImageMagick's output, without its source location."""
+    for line in stderr.splitlines():
+        line = line.strip()
+        if not line or "no images defined" in line:
+            continue
+        message = line.split(" @ ", 1)[0]
+        if message.startswith(("convert: ", "magick: ")):
+            message = message.split(": ", 1)[1]
+        # The stdin copy's temporary name says nothing useful.
+        return message.split(" `", 1)[0][:300]
+    return ""
