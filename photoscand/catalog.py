@@ -142,6 +142,7 @@ class Job:
     dev: int
     ino: int
     disk_offset: int | None
+    needs_metadata: bool = False  # a prefetch-mode row whose EXIF is read from the bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,6 +401,18 @@ class Catalog:
         self._conn.execute("DELETE FROM thumbnails WHERE image_id = ?", (image_id,))
         return image_id
 
+    def update_metadata(self, image_id: int, meta: Mapping[str, Any]) -> None:
+        """Fill in a row's metadata (prefetch mode parses it from the bytes it read)."""
+        self._write(self._op_update_metadata, image_id, dict(meta))
+
+    def _op_update_metadata(self, image_id: int, meta: dict[str, Any]) -> None:
+        columns = [c for c in META_COLUMNS if c != "disk_offset" or meta.get(c) is not None]
+        assignments = ", ".join(f"{c} = ?" for c in columns)
+        values = [meta.get(c) for c in columns]
+        if meta.get("exif") is None and meta.get("metadata_error") is None:
+            values[columns.index("exif")] = "{}"  # parsed: never "still to read" again
+        self._conn.execute(f"UPDATE images SET {assignments} WHERE id = ?", (*values, image_id))
+
     def restore(self, image_id: int, st: FileStat) -> None:
         """A ``missing`` file is back unchanged: it is ``done`` again if it was converted."""
         self._write(self._op_restore, image_id, st)
@@ -545,7 +558,8 @@ class Catalog:
         index = "images_disk_order" if disk_order else "images_status"
         rows = self._conn.execute(
             "SELECT id, path, size, mtime_ns, format, orientation, attempts, dev, ino,"
-            f" disk_offset FROM images INDEXED BY {index}"
+            " disk_offset, exif IS NULL AND metadata_error IS NULL"
+            f" FROM images INDEXED BY {index}"
             " WHERE status = 'pending' AND (retry_at IS NULL OR retry_at <= ?)"
             f" ORDER BY {order} LIMIT ?",
             (now, limit + len(exclude)),
@@ -561,9 +575,7 @@ class Catalog:
             # that no worker holds.
             self._backlog.pop()
             return []
-        return [
-            Job(r[0], bytes(r[1]), r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9]) for r in rows
-        ]
+        return [Job(r[0], bytes(r[1]), *r[2:10], bool(r[10])) for r in rows]
 
     def _op_set_converting(self, ids: list[int]) -> None:
         self._conn.executemany(

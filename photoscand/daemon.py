@@ -34,6 +34,7 @@ from photoscand.config import Config, ConfigError
 from photoscand.ingest import Ingest
 from photoscand.log import display_path, get_logger
 from photoscand.metrics import Metrics, MetricsServer
+from photoscand.prefetch import Prefetcher
 from photoscand.scanner import RootProblem, Vanished, WalkDone, Walker, WalkItem, WalkOutput
 from photoscand.supervisor import Supervisor, WorkerSettings
 from photoscand.systemd import Notifier
@@ -142,6 +143,7 @@ class Daemon:
         self.walker: Walker | None = None
         self.ingest: Ingest | None = None
         self.supervisor: Supervisor | None = None
+        self.prefetcher: Prefetcher | None = None
         self.metrics_server: MetricsServer | None = None
         self._lock: CatalogLock | None = None
         self._walks_pending = 0
@@ -223,7 +225,18 @@ class Daemon:
             metadata_timeout=config.watch.metadata_timeout_seconds,
             metrics=self.metrics,
             on_row=self.supervisor.wake,
+            deferred=config.io.mode == "prefetch",
         )
+        ingest = self.ingest
+        self.supervisor.parse_metadata = lambda job, shm, done: ingest.parse_loaded(
+            job.id, job.path, shm, done
+        )
+        if config.io.mode == "prefetch":
+            self.prefetcher = Prefetcher(
+                config.io.prefetch_window_mb << 20, self.wake, self.metrics
+            )
+            self.prefetcher.start()
+            self.supervisor.prefetcher = self.prefetcher
         self.supervisor.start()
         self.ingest.start()
         if self.mode == "run":
@@ -674,6 +687,9 @@ class Daemon:
                           in_hand=supervisor.busy(),
                           bound=self.config.workers.stop_timeout_seconds)  # fmt: skip
             supervisor.begin_stop()
+            if self.prefetcher is not None:
+                for job in self.prefetcher.unclaimed():
+                    self.catalog.release(job.id)
             if self.watcher is not None:
                 self.watcher.stop()
                 self.watcher = None
@@ -704,6 +720,11 @@ class Daemon:
             for job in self.supervisor.kill_all():
                 if self.catalog is not None:
                     self.catalog.release(job.id)
+        if self.prefetcher is not None:
+            for job in self.prefetcher.unclaimed():
+                if self.catalog is not None:
+                    self.catalog.release(job.id)
+            self.prefetcher.close()
         if self.ingest is not None:
             self.ingest.stop()
         if self.catalog is not None:

@@ -12,6 +12,7 @@ the parser stops answering, the file at the head of the line is the one it hangs
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import time
@@ -24,6 +25,7 @@ from typing import Any
 from photoscand import formats, outcomes
 from photoscand.catalog import Catalog, FileStat
 from photoscand.log import display_path, get_logger
+from photoscand.metadata import physical_offset
 from photoscand.metrics import Metrics
 from photoscand.scanner import relative_parts_ignored
 from photoscand.supervisor import Child, describe_exit
@@ -42,6 +44,10 @@ class _Candidate:
     completed_at: float  # monotonic time the file was known complete
     known_id: int | None = None  # the row this file refreshes, if any
     again: bool = False  # offered again while in flight: re-check after the answer
+    # Filling in an existing row's metadata (prefetch mode, from the bytes it read):
+    image_id: int | None = None
+    shm: tuple[str, int, int, bool] | None = None
+    on_done: Callable[[], None] | None = None
 
 
 @dataclass(slots=True)
@@ -74,6 +80,7 @@ class Ingest:
         metadata_timeout: float,
         metrics: Metrics,
         on_row: Callable[[], None] = lambda: None,
+        deferred: bool = False,
     ) -> None:
         self.catalog = catalog
         self.roots = tuple(roots)
@@ -85,8 +92,14 @@ class Ingest:
         self.log = get_logger("ingest")
         self._settling: dict[bytes, _Settling] = {}
         self._ready: deque[_Candidate] = deque()  # complete, waiting for the parser
-        self._in_flight: dict[bytes, _Candidate] = {}  # path -> candidate at the parser
-        self._line: deque[tuple[int, bytes, float]] = deque()  # (seq, path, sent_at)
+        # New files at the parser, by path (a file offered again meanwhile is re-checked).
+        self._in_flight: dict[bytes, _Candidate] = {}
+        # Every request at the parser, in the order it answers: (seq, candidate, sent_at).
+        self._line: deque[tuple[int, _Candidate, float]] = deque()
+        # Prefetch mode: rows are written from a stat (no read: the disk head must not
+        # leave the reader's sequential stream); their metadata comes from the bytes the
+        # reader brings, see parse_loaded().
+        self.deferred = deferred
         self._seq = 0
         self._child: Child | None = None
         self._child_failures = 0
@@ -116,14 +129,14 @@ class Ingest:
     @property
     def idle(self) -> bool:
         """Nothing settling, waiting or being parsed."""
-        return not self._settling and not self._ready and not self._in_flight
+        return not self._settling and not self._ready and not self._line
 
     @property
     def busy(self) -> bool:
-        return bool(self._ready or self._in_flight)
+        return bool(self._ready or self._line)
 
     def depths(self) -> dict[str, int]:
-        return {"settle": len(self._settling), "metadata": len(self._ready) + len(self._in_flight)}
+        return {"settle": len(self._settling), "metadata": len(self._ready) + len(self._line)}
 
     def next_deadline(self, now: float) -> float | None:
         """When the loop must wake for phase 1 (settle checks, parser timeout)."""
@@ -132,7 +145,7 @@ class Ingest:
             deadlines.append(now + min(0.25, self.settle_seconds / 4))
         if self._line:
             deadlines.append(self._line[0][2] + self.metadata_timeout)
-        if self._child is None and (self._ready or self._in_flight):
+        if self._child is None and (self._ready or self._line):
             deadlines.append(self._restart_after)
         return min(deadlines) if deadlines else None
 
@@ -163,7 +176,50 @@ class Ingest:
             return
         candidate = _Candidate(path, source, walk_reason, now)
         if self._check(candidate):
-            self._ready.append(candidate)
+            if self.deferred:
+                self._row_from_stat(candidate)
+            else:
+                self._ready.append(candidate)
+
+    def parse_loaded(
+        self,
+        image_id: int,
+        path: bytes,
+        shm: tuple[str, int, int, bool] | None,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        """Read an existing row's metadata: from the prefetcher's bytes (``shm``), or
+        from the file when ``shm`` is None. ``on_done`` runs once the parser is done
+        with the bytes (answered, timed out or died)."""
+        candidate = _Candidate(path, "prefetch", "", time.monotonic(), image_id=image_id,
+                               shm=shm, on_done=on_done)  # fmt: skip
+        self._ready.appendleft(candidate)
+
+    def _row_from_stat(self, candidate: _Candidate) -> None:
+        """Prefetch mode: the row from the file's identity and where it lies on disk."""
+        path = candidate.path
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if formats.has_photo_extension(path):
+                reason = outcomes.PERMISSION if exc.errno == errno.EACCES else outcomes.IO_ERROR
+                self._row_without_metadata(candidate, outcomes.format_error(reason, str(exc)))
+            return
+        try:
+            st = os.fstat(fd)
+            fmt = formats.format_from_extension(path)
+            if fmt is None:
+                # No photo extension: only a signature makes it a photo (one small read).
+                fmt = formats.detect_format(path, os.pread(fd, formats.SNIFF_BYTES, 0))
+            offset = physical_offset(fd)
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+        if fmt is None:
+            self.metrics.files_ignored.inc()
+            return
+        self._write_row(candidate, FileStat.of(path, st), {"format": fmt, "disk_offset": offset})
 
     def forget(self, path: bytes) -> None:
         """A file was deleted before it settled."""
@@ -229,19 +285,21 @@ class Ingest:
             return
         while self._ready and len(self._line) < IN_FLIGHT:
             candidate = self._ready.popleft()
-            if candidate.path in self._in_flight:
+            fresh = candidate.image_id is None
+            if fresh and candidate.path in self._in_flight:
                 self._in_flight[candidate.path].again = True
                 continue
             self._seq += 1
             try:
-                child.conn.send((self._seq, candidate.path))
+                child.conn.send((self._seq, candidate.path, candidate.shm))
             except OSError:
                 self._ready.appendleft(candidate)
                 return  # the sentinel will report the death
             if not self._line:
                 self._last_answer = time.monotonic()
-            self._line.append((self._seq, candidate.path, time.monotonic()))
-            self._in_flight[candidate.path] = candidate
+            self._line.append((self._seq, candidate, time.monotonic()))
+            if fresh:
+                self._in_flight[candidate.path] = candidate
 
     # -- the metadata process ----------------------------------------------------------
 
@@ -264,17 +322,27 @@ class Ingest:
                 return
             if not self._line or self._line[0][0] != seq:
                 continue  # an answer for a request given up on (timeout)
-            _, path, sent_at = self._line.popleft()
+            _, candidate, sent_at = self._line.popleft()
             now = time.monotonic()
+            started = max(sent_at, self._last_answer)
             self._last_answer = now
             self._child_failures = 0
-            self.metrics.metadata_duration.observe(max(0.0, now - max(sent_at, 0.0)))
-            candidate = self._in_flight.pop(path)
+            self.metrics.metadata_duration.observe(max(0.0, now - started))
+            self._unlist(candidate)
             self._answer(candidate, kind, payload)
             self._feed()
 
+    def _unlist(self, candidate: _Candidate) -> None:
+        if candidate.image_id is None:
+            self._in_flight.pop(candidate.path, None)
+        elif candidate.on_done is not None:
+            candidate.on_done()
+
     def _answer(self, candidate: _Candidate, kind: str, payload: Any) -> None:
         path = candidate.path
+        if candidate.image_id is not None:
+            self._answer_existing(candidate, kind, payload)
+            return
         if kind == "meta":
             (size, mtime_ns, dev, ino), columns = payload
             if columns.get("metadata_error"):
@@ -293,6 +361,20 @@ class Ingest:
                 self.log.debug("cannot read", path=display_path(path), error=message)
         if candidate.again:
             self.complete(path, candidate.source, time.monotonic(), candidate.walk_reason)
+
+    def _answer_existing(self, candidate: _Candidate, kind: str, payload: Any) -> None:
+        assert candidate.image_id is not None
+        if kind == "meta":
+            columns = payload[1]
+            if columns.get("metadata_error"):
+                self.metrics.metadata_problems.labels("unreadable_exif").inc()
+        elif kind == "skip":
+            columns = {"metadata_error": outcomes.format_error(outcomes.CORRUPT, payload)}
+        else:
+            errno_name, message = payload
+            reason = outcomes.PERMISSION if errno_name == "EACCES" else outcomes.IO_ERROR
+            columns = {"metadata_error": outcomes.format_error(reason, message)}
+        self.catalog.update_metadata(candidate.image_id, columns)
 
     def _row_without_metadata(self, candidate: _Candidate, problem: str) -> None:
         """A photo whose metadata could not be read still gets its row (it stays pending)."""
@@ -336,7 +418,7 @@ class Ingest:
                 self._spawn()
             return
         if self._line and now - max(self._line[0][2], self._last_answer) > self.metadata_timeout:
-            _, path, _ = self._line[0]
+            path = self._line[0][1].path
             self.log.warning(
                 "metadata parse timed out; parser restarted",
                 path=display_path(path),
@@ -351,7 +433,7 @@ class Ingest:
         code = child.exitcode()
         self.metrics.metadata_problems.labels("crashed").inc()
         if self._line:
-            _, path, _ = self._line[0]
+            path = self._line[0][1].path
             self.log.warning("metadata parser died", path=display_path(path), exitcode=code)
             self._give_up_head(child, f"crashed: the metadata parser died ({describe_exit(code)})")
         else:
@@ -360,16 +442,20 @@ class Ingest:
 
     def _give_up_head(self, child: Child, problem: str) -> None:
         """Kill the parser, record the file it was stuck on, and re-send the rest."""
-        _seq, path, _ = self._line.popleft()
-        candidate = self._in_flight.pop(path)
+        _seq, candidate, _ = self._line.popleft()
+        self._unlist(candidate)
         self._discard(child)
-        self._row_without_metadata(candidate, problem)
+        if candidate.image_id is not None:
+            self.catalog.update_metadata(candidate.image_id, {"metadata_error": problem})
+        else:
+            self._row_without_metadata(candidate, problem)
         # Everything else that was in flight goes back to the front of the line.
-        rest = [self._in_flight.pop(p) for _, p, _ in self._line if p in self._in_flight]
+        rest = [c for _, c, _ in self._line]
+        for other in rest:
+            if other.image_id is None:
+                self._in_flight.pop(other.path, None)
         self._line.clear()
         self._ready.extendleft(reversed(rest))
-        if candidate.again:
-            candidate.again = False
 
     def _discard(self, child: Child) -> None:
         child.close(graceful=False)

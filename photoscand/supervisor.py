@@ -40,6 +40,7 @@ from photoscand import outcomes
 from photoscand.catalog import Catalog, Job
 from photoscand.log import display_path, get_logger
 from photoscand.metrics import Metrics
+from photoscand.prefetch import Prefetcher
 from photoscand.worker import conversion_main
 
 # How long to wait for a disk that was full before trying one image again.
@@ -116,6 +117,7 @@ class _Slot:
     early_deaths: int = 0  # consecutive deaths before "ready": back off restarts
     retire: bool = False  # the pool shrank: stop this worker once it is idle
     restart_on_idle: bool = False  # settings changed: replace this worker once it is idle
+    waiting_for_input: bool = False  # idle while work was queued (counts as waiting)
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +191,11 @@ class Supervisor:
         self._disk_probe_at = 0.0
         self.done_since_start = 0
         self.failed_since_start = 0
-        self.feeder: Any = None  # prefetch mode: a Prefetcher that owns dispatch of bytes
-        self._on_slot_freed: Callable[[Job, bool], None] | None = None
+        # Prefetch mode: the sequential reader that brings each claimed job's bytes.
+        self.prefetcher: Prefetcher | None = None
+        # Rows whose metadata is still to be read (prefetch mode defers it to the bytes
+        # the reader brings): called with (job, shared-memory place or None, on_done).
+        self.parse_metadata: Callable[[Job, Any, Callable[[], None] | None], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -319,6 +324,11 @@ class Supervisor:
     def _finish(self, slot: _Slot, job: Job, result: dict[str, Any], now: float) -> None:
         slot.job = None
         slot.idle_since = now
+        # Idle from now on while work is queued = waiting for input (the reader, or
+        # the catalog); idle with nothing to do is not waiting.
+        slot.waiting_for_input = self._work_maybe_pending or (
+            self.prefetcher is not None and self.prefetcher.queued() > 0
+        )
         elapsed = now - slot.job_started
         self.metrics.worker_busy_seconds.inc(elapsed)
         self.metrics.conversion_duration.observe(result.get("seconds", elapsed))
@@ -392,8 +402,9 @@ class Supervisor:
                              attempts=job.attempts + 1)  # fmt: skip
 
     def _released(self, job: Job, ok: bool) -> None:
-        if self._on_slot_freed is not None:
-            self._on_slot_freed(job, ok)
+        """A worker is done with a job (finished, failed, died or was killed)."""
+        if self.prefetcher is not None:
+            self.prefetcher.done_with(job.id)
 
     def _died(self, slot: _Slot, child: Child, now: float) -> None:
         code = child.exitcode()
@@ -465,10 +476,12 @@ class Supervisor:
             if s.child is not None and s.ready and s.job is None and not s.retire
         ]
 
-    def dispatch(self, now: float, *, disk_order: bool = False) -> int:
+    def dispatch(self, now: float) -> int:
         """Claim pending rows for idle workers and send them. Returns how many."""
         if self.stopping or self.catalog.stalled:
             return 0
+        if self.prefetcher is not None:
+            return self._dispatch_prefetched(now, self.prefetcher)
         idle = self.idle_slots()
         if not idle or not self._work_maybe_pending:
             return 0
@@ -479,14 +492,59 @@ class Supervisor:
                 return 0
             limit = 1
             self._disk_probe_at = now + DISK_FULL_PROBE_SECONDS
+        jobs = self._claim(limit, disk_order=False)
+        for slot, job in zip(idle, jobs, strict=False):
+            if job.needs_metadata and self.parse_metadata is not None:
+                self.parse_metadata(job, None, None)
+            self.send(slot, job, {}, now)
+        return len(jobs)
+
+    def _claim(self, limit: int, *, disk_order: bool) -> list[Job]:
         held = {job.id for job in self.in_hand()}
+        if self.prefetcher is not None:
+            held |= self.prefetcher.held_ids()
         jobs = self.catalog.claim(limit, time.time(), disk_order=disk_order, exclude=held)
         if len(jobs) < limit:
             self._work_maybe_pending = False
             self._next_retry_at = self.catalog.next_retry_at()
-        for slot, job in zip(idle, jobs, strict=False):
-            self.send(slot, job, {}, now)
-        return len(jobs)
+        return jobs
+
+    def _dispatch_prefetched(self, now: float, prefetcher: Prefetcher) -> int:
+        """Prefetch mode: keep the reader ahead (claims in disk order), and hand each
+        image whose bytes are in memory to an idle worker."""
+        want = prefetcher.wants(self.count)
+        if want and self._work_maybe_pending and self.disk_full_since is None:
+            jobs = self._claim(want, disk_order=True)
+            if jobs:
+                prefetcher.submit(jobs)
+        idle = self.idle_slots()
+        if self.disk_full_since is not None:
+            if now < self._disk_probe_at or self.busy():
+                idle = []
+            else:
+                idle = idle[:1]
+                self._disk_probe_at = now + DISK_FULL_PROBE_SECONDS
+        sent = 0
+        while True:
+            loaded = prefetcher.take_ready()
+            if loaded is None:
+                break
+            job = loaded.job
+            if loaded.reason is not None:
+                self._failed(job, loaded.reason, loaded.message, now)
+                prefetcher.drop(loaded)
+                continue
+            if not idle:
+                prefetcher.put_back(loaded)
+                break
+            slot = idle.pop(0)
+            if job.needs_metadata and self.parse_metadata is not None:
+                prefetcher.use(loaded)
+                self.parse_metadata(job, loaded.shm, lambda i=job.id: prefetcher.done_with(i))
+            prefetcher.use(loaded)
+            self.send(slot, job, {"shm": loaded.shm}, now)
+            sent += 1
+        return sent
 
     def send(self, slot: _Slot, job: Job, extra: dict[str, Any], now: float) -> None:
         """Hand one job to an idle worker."""
@@ -495,7 +553,7 @@ class Supervisor:
                    "orientation": job.orientation, **extra}  # fmt: skip
         slot.job = job
         slot.job_started = now
-        if slot.idle_since and self.catalog_has_work_hint():
+        if slot.idle_since and slot.waiting_for_input:
             self.metrics.worker_wait_seconds.inc(max(0.0, now - slot.idle_since))
         # If the worker died, its sentinel reports it and the job counts a crash.
         with contextlib.suppress(OSError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import mmap
 import os
 import resource
 import signal
@@ -89,7 +90,9 @@ def _mapped_bytes() -> int:
 def metadata_main(conn: Connection) -> None:
     """Parse one file at a time for the daemon's phase 1.
 
-    Requests are ``(seq, path)``; replies are ``(seq, kind, payload)`` with kind
+    Requests are ``(seq, path, shm)``, ``shm`` being None (read the file) or the place
+    in shared memory where the prefetcher put its bytes; replies are ``(seq, kind,
+    payload)`` with kind
     ``"meta"`` (stat tuple, column dict), ``"skip"`` (not a photo / not a regular
     file: a short why) or ``"oserror"`` (errno name, message). ``None`` ends the loop.
     """
@@ -105,8 +108,17 @@ def metadata_main(conn: Connection) -> None:
             return
         if request is None:
             return
-        seq, path = request
-        conn.send((seq, *_parse_one(path)))
+        seq, path, shm = request
+        if shm is None:
+            conn.send((seq, *_parse_one(path)))
+            continue
+        view = attach(shm, _mappings)
+        try:
+            conn.send((seq, *_parse_memory(path, view)))
+        finally:
+            with contextlib.suppress(BufferError):
+                view.release()
+            _forget_mapping(shm, _mappings)
 
 
 def _parse_one(path: bytes) -> tuple[str, Any]:
@@ -130,7 +142,48 @@ def _parse_one(path: bytes) -> tuple[str, Any]:
     return "meta", (identity, columns)
 
 
+def _parse_memory(path: bytes, view: memoryview) -> tuple[str, Any]:
+    """Parse bytes the prefetcher already read (the disk is not touched again)."""
+    meta = _read_metadata(path, view)
+    if meta is None:
+        return "skip", "not a photo"
+    columns = {name: getattr(meta, name) for name in _META_FIELDS}
+    columns["metadata_error"] = meta.error
+    return "meta", (None, columns)
+
+
 _read_metadata: Any = None
+_mappings: dict[str, mmap.mmap] = {}
+
+
+def attach(shm: tuple[str, int, int, bool], cache: dict[str, mmap.mmap]) -> memoryview:
+    """The bytes the prefetcher read, mapped read-only from the daemon's memory file.
+
+    ``shm`` is (path, offset, length, keep): the window's mapping is kept across jobs;
+    a photo larger than the window has its own memory, mapped for one job.
+    """
+    path, offset, length, _keep = shm
+    mapping = cache.get(path)
+    if mapping is None:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        cache[path] = mapping
+    return memoryview(mapping)[offset : offset + length]
+
+
+def _forget_mapping(shm: tuple[str, int, int, bool], cache: dict[str, mmap.mmap]) -> None:
+    path, _offset, _length, keep = shm
+    if not keep:
+        mapping = cache.pop(path, None)
+        if mapping is not None:
+            # A view still exported (held by a decoder object) keeps it mapped until
+            # garbage collection; that is fine, the daemon already owns the memory.
+            with contextlib.suppress(BufferError):
+                mapping.close()
+
 
 _META_FIELDS = (
     "format", "width", "height", "orientation", "taken_at", "make", "model", "lens", "iso",
@@ -207,16 +260,15 @@ def convert_job(job: dict[str, Any], spec: Any, backend: str) -> dict[str, Any]:
     """Read a photo once, convert it, and describe the outcome as plain data.
 
     Job keys: ``id``, ``path`` (bytes), ``format`` and ``orientation`` (hints from
-    phase 1), optionally ``data`` (bytes already read by the prefetcher).
+    phase 1), optionally ``shm`` (where the prefetcher put the bytes; see :func:`attach`).
     """
     from photoscand import converters
 
     started = time.perf_counter()
     result: dict[str, Any] = {"id": job["id"], "ok": False}
+    shm = job.get("shm")
     try:
-        data = job.get("data")
-        if data is None:
-            data = _read_whole(job["path"])
+        data = attach(shm, _mappings) if shm is not None else _read_whole(job["path"])
         read_seconds = time.perf_counter() - started
         conversion = converters.convert(
             data,
@@ -249,8 +301,13 @@ def convert_job(job: dict[str, Any], spec: Any, backend: str) -> dict[str, Any]:
             thumbnails=[(t.size, t.path, t.width, t.height) for t in conversion.thumbnails],
             timings={"read": read_seconds, **conversion.timings},
         )
-    result["bytes"] = len(data) if "data" in locals() and data is not None else 0
+    result["bytes"] = len(data) if "data" in locals() else 0
     result["seconds"] = time.perf_counter() - started
+    if shm is not None:
+        if isinstance(data, memoryview):
+            with contextlib.suppress(BufferError):
+                data.release()
+        _forget_mapping(shm, _mappings)
     return result
 
 
