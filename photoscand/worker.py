@@ -24,6 +24,7 @@ from typing import Any
 
 from photoscand import outcomes
 
+_PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
 
 
@@ -44,16 +45,23 @@ def _die_with_parent() -> None:
         os._exit(0)
 
 
-def _child_setup(nice: int = 0) -> None:
+def _set_process_name(name: bytes) -> None:
+    """Name the process for ps/top/pgrep (``photoscand-work``, ``photoscand-meta``)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).prctl(_PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+
+
+def _child_setup(name: bytes, nice: int = 0) -> None:
     # Ctrl-C on a terminal, or `timeout`/`kill -- -PGID`, signals the whole process
     # group; the daemon decides when children stop (it finishes the images in hand,
     # then SIGKILLs what is left), so they ignore these.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     # Only the main process may talk to systemd (NotifyAccess=main).
-    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-        os.environ.pop(name, None)
+    for variable in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
+        os.environ.pop(variable, None)
     _die_with_parent()
+    _set_process_name(name)
     if nice:
         with contextlib.suppress(OSError):
             os.nice(nice)
@@ -96,7 +104,7 @@ def metadata_main(conn: Connection) -> None:
     ``"meta"`` (stat tuple, column dict), ``"skip"`` (not a photo / not a regular
     file: a short why) or ``"oserror"`` (errno name, message). ``None`` ends the loop.
     """
-    _child_setup()
+    _child_setup(b"photoscand-meta")
     from photoscand import metadata  # imported here: a converter problem must not stop phase 1
 
     global _read_metadata
@@ -201,7 +209,7 @@ def conversion_main(conn: Connection, settings: dict[str, Any]) -> None:
     ``settings`` holds the thumbnail spec, the backend and the memory limit. Jobs are
     dicts (see :func:`convert_job`); ``None`` ends the loop.
     """
-    _child_setup(nice=settings.get("nice", 0))
+    _child_setup(b"photoscand-work", nice=settings.get("nice", 0))
     from photoscand import converters  # imported here: phase 1's process does not need it
 
     spec = converters.ThumbnailSpec(
