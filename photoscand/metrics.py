@@ -4,7 +4,8 @@ Only the main process touches the registry: workers return their timings in thei
 results and the daemon observes them here, so prometheus_client stays in plain
 single-process mode. Labels are bounded enums, pre-set to zero at start-up so that
 ``rate()`` and alerts see every series from the first scrape; no label ever carries a
-path.
+path. Metric names follow Prometheus conventions (base units, ``_total`` counters,
+timestamps rather than ages), and docs/operations.md says what each one means.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    disable_created_metrics,
     start_http_server,
 )
 
 from photoscand import __version__
-from photoscand.outcomes import DISK_FULL, REASONS
+from photoscand.outcomes import DISK_FULL, REASONS, VANISHED
 
 STATUSES = ("pending", "converting", "done", "failed", "missing")
 DISCOVERY_SOURCES = ("event", "walk")
@@ -35,10 +37,20 @@ STAGES = ("read", "hash", "decode", "resize", "encode", "write")
 QUEUES = ("events", "walk", "settle", "metadata")
 DISK_FULL_LOCATIONS = ("thumbnails", "catalog")
 METADATA_PROBLEMS = ("timeout", "crashed", "unreadable_exif")
+# How the roots are watched: inotify, polling (network filesystems), or none (`scan`).
+WATCH_MODES = ("inotify", "polling", "none")
+# Reasons a row can be `failed` with (vanished rows become `missing`, never failed);
+# "other" keeps the label bounded if a row ever carries an unexpected word.
+FAILED_REASONS = (*(r for r in REASONS if r != VANISHED), "other")
 
-# Photo work spans 10 ms (a drafted JPEG) to minutes (a 100 MP TIFF or a hung RAW).
+# Photo work spans 10 ms (a drafted JPEG) to minutes (a 100 MP TIFF or a hung RAW): the
+# buckets reach workers.timeout_seconds' default (120 s), and one edge sits at 5 s so a
+# "95 % under 5 s" objective is read without interpolation error.
 CONVERSION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-METADATA_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 10)
+# A header parse is usually 0.5-5 ms; a hostile file runs into the metadata timeout
+# (10 s by default, longer if configured), so the range goes on to 2 minutes.
+METADATA_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5, 10, 30, 120)
+# Phase 1 as a user sees it: from "file complete" to "row committed".
 DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -46,6 +58,9 @@ class Metrics:
     """The daemon's metrics in their own registry (tests make as many as they like)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # The `_created` series (one more per counter and histogram) answer nothing an
+        # operator asks here; process_start_time_seconds tells when counters began.
+        disable_created_metrics()
         self.registry = registry or CollectorRegistry()
         r = self.registry
         ProcessCollector(registry=r)
@@ -95,6 +110,11 @@ class Metrics:
 
         # -- catalog ----------------------------------------------------------------
         self.images = Gauge(p + "images", "Catalog rows per status.", ["status"], registry=r)
+        self.failed_images = Gauge(
+            p + "failed_images",
+            "Catalog rows in status failed, by reason (what `photoscand status` lists).",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self.oldest_pending_age = Gauge(
             p + "oldest_pending_age_seconds",
             "Age of the longest-waiting image not yet converted (0 when none).",
@@ -138,6 +158,11 @@ class Metrics:
         self.workers = Gauge(p + "workers", "Worker processes alive.", registry=r)
         self.workers_busy = Gauge(p + "workers_busy", "Workers converting an image now.",
                                   registry=r)  # fmt: skip
+        self.workers_idle = Gauge(
+            p + "workers_idle",
+            "Workers started and ready, holding no image (the rest of `workers` are starting).",
+            registry=r,
+        )
         self.worker_restarts = Counter(
             p + "worker_restarts", "Workers replaced, by why.", ["reason"], registry=r
         )
@@ -165,7 +190,8 @@ class Metrics:
         )
         self.worker_wait_seconds = Counter(
             p + "worker_wait_seconds",
-            "Time idle workers waited for input while images were pending.",
+            "Time workers sat idle while images were queued for them (starved: waiting"
+            " for the prefetcher or the dispatch), summed over workers.",
             registry=r,
         )
         self.prefetch_reader_wait_seconds = Counter(
@@ -186,6 +212,11 @@ class Metrics:
         self.watch_overflows = Counter(
             p + "watch_overflows", "Kernel event-queue overflows reported by inotify.", registry=r
         )
+        self.watch_mode = Gauge(
+            p + "watch_mode",
+            "1 for how the roots are watched: inotify, polling, or none (`scan`).",
+            ["mode"], registry=r,
+        )  # fmt: skip
         self.watches = Gauge(
             p + "watches", "inotify watches registered (one per watched directory).", registry=r
         )
@@ -207,6 +238,11 @@ class Metrics:
         )  # fmt: skip
         self.walk_duration = Gauge(
             p + "last_walk_duration_seconds", "How long the last full walk took.", registry=r
+        )
+        self.walk_interval = Gauge(
+            p + "walk_interval_seconds",
+            "watch.rescan_interval_seconds: the periodic walk's interval (0 = off).",
+            registry=r,
         )
 
         self._preset()
@@ -232,10 +268,27 @@ class Metrics:
             self.disk_full.labels(location)
         for problem in METADATA_PROBLEMS:
             self.metadata_problems.labels(problem)
+        for reason in FAILED_REASONS:
+            self.failed_images.labels(reason)
+        for mode in WATCH_MODES:
+            self.watch_mode.labels(mode)
 
     def set_counts(self, counts: dict[str, int]) -> None:
         for status in STATUSES:
             self.images.labels(status).set(counts.get(status, 0))
+
+    def set_failure_reasons(self, reasons: dict[str, int]) -> None:
+        """Failed rows per reason, from the catalog; unknown words count as "other"."""
+        totals = dict.fromkeys(FAILED_REASONS, 0)
+        for reason, count in reasons.items():
+            key = reason if reason in totals else "other"
+            totals[key] += count
+        for reason, count in totals.items():
+            self.failed_images.labels(reason).set(count)
+
+    def set_watch_mode(self, mode: str) -> None:
+        for name in WATCH_MODES:
+            self.watch_mode.labels(name).set(1 if name == mode else 0)
 
     def observe_stages(self, timings: dict[str, float]) -> None:
         for stage, seconds in timings.items():
