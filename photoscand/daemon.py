@@ -152,6 +152,7 @@ class Daemon:
         self._root_problems: dict[bytes, str] = {}
         self._counts: dict[str, int] = {}
         self._last_refresh = 0.0
+        self._ready_sent = False
         self._last_root_check = 0.0
         self._last_progress = 0.0
         self._stop_deadline: float | None = None
@@ -252,8 +253,13 @@ class Daemon:
         self.walker = Walker(self.roots, config.catalog.path, self.walk_output, wake=self.wake)
         self.walker.start()
         self._request_walk("start")
+        self.metrics.set_watch_mode(
+            "none" if self.mode != "run" else "polling" if config.watch.polling else "inotify"
+        )
+        self._set_walk_interval()
         self._refresh(time.monotonic(), force=True)
-        self.notifier.ready(self._status_text())
+        # READY=1 waits for the workers' "ready" (see _housekeeping): catalog, watches and
+        # the metrics port are up by now.
         self.log.info(
             "photoscand started",
             mode=self.mode,
@@ -317,6 +323,7 @@ class Daemon:
             supervisor.tick(now)
             if not self._stop_requests:
                 supervisor.dispatch(now)
+            self.metrics.workers_idle.set(len(supervisor.idle_slots()))
             self._maybe_commit(now)
             self._housekeeping(now)
             if self.on_tick is not None:
@@ -498,8 +505,22 @@ class Daemon:
             self._last_progress = now
             self.progress.write("\r" + progress_line(self._counts) + "\x1b[K")
             self.progress.flush()
+        if not self._ready_sent and self._workers_up():
+            self._ready_sent = True
+            self.notifier.ready(self._status_text())
         if self.notifier.ping_due(now) and self._healthy():
             self.notifier.ping(now)
+
+    def _workers_up(self) -> bool:
+        """Every worker started and said it is ready (a pool that cannot start is never
+        READY: systemd's TimeoutStartSec then fails the start visibly)."""
+        supervisor = self.supervisor
+        assert supervisor is not None
+        return len(supervisor.idle_slots()) + supervisor.busy() >= supervisor.count
+
+    def _set_walk_interval(self) -> None:
+        interval = self.config.watch.rescan_interval_seconds if self.mode == "run" else 0
+        self.metrics.walk_interval.set(interval)
 
     def _healthy(self) -> bool:
         """What the systemd watchdog vouches for: observer, walker, pool and this loop."""
@@ -561,6 +582,7 @@ class Daemon:
         assert self.catalog is not None and self.supervisor is not None
         self._counts = self.catalog.counts()
         self.metrics.set_counts(self._counts)
+        self.metrics.set_failure_reasons(self.catalog.failure_reasons())
         if self._counts["pending"]:
             # Rows may have been queued by another process (`photoscand retry`).
             self.supervisor.wake()
@@ -650,6 +672,7 @@ class Daemon:
             self._change_roots(new)
         if new.watch.rescan_interval_seconds != old.watch.rescan_interval_seconds:
             interval = new.watch.rescan_interval_seconds
+            self._set_walk_interval()
             self._next_walk = time.monotonic() + interval if interval > 0 else None
         self.log.info("configuration reloaded", workers=new.workers.count,
                       roots=list(new.watch.paths))  # fmt: skip
