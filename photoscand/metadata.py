@@ -157,7 +157,11 @@ def read_metadata(path: bytes, data: bytes | memoryview | None = None) -> Metada
     """
     if data is not None:
         mem = memoryview(data).cast("B")
-        return _read(path, _Source(-1, mem, len(mem)))
+        try:
+            return _read(path, _Source(-1, mem, len(mem)))
+        finally:
+            # The caller unmaps its shared memory after this returns: hold no export of it.
+            mem.release()
     # O_NONBLOCK: a FIFO that carries a photo's name must not block the open.
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK)
     try:
