@@ -226,3 +226,26 @@ def process_name(pid: int) -> str:
 def named_descendants(pid: int, name: str) -> list[int]:
     """Descendants of ``pid`` whose process name (comm) is ``name``."""
     return [p for p in descendants(pid) if process_name(p) == name]
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The daemon's /metrics as {"name{labels}": value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
