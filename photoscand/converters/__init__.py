@@ -117,7 +117,8 @@ def detect_format(data: bytes | memoryview, format_hint: str | None = None) -> s
     if head[4:8] == b"ftyp":
         brand = head[8:12].decode("ascii", "replace").strip()
         raise ConversionError(
-            outcomes.UNSUPPORTED, f"ISO media file of brand {brand!r} holds no still image"
+            outcomes.UNSUPPORTED,
+            f"ISO media file of brand {brand!r}: not a HEIF or AVIF still image we can read",
         )
     if format_hint in formats.RAW_FORMATS:
         return format_hint  # many RAW containers have no fixed signature: LibRaw decides

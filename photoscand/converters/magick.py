@@ -72,12 +72,14 @@ _TRUNCATED = (
 _UNSUPPORTED = (
     "no decode delegate",
     "not authorized",
+    "not allowed by the security policy",
     "delegate library support not built-in",
     "unsupported",
     "not supported",
     "compression not",
 )
 _TIMEOUT = ("time limit exceeded",)
+_DISK_FULL = ("out of disk space", "no space left on device", "disk quota exceeded")
 
 
 @functools.lru_cache(maxsize=1)
@@ -190,7 +192,12 @@ def convert(
             discard(tmp)
 
 
-def run(argv: list[str], data: bytes | memoryview, cwd: str) -> str:
+def run(
+    argv: list[str],
+    data: bytes | memoryview,
+    cwd: str,
+    timeout: float = TIME_LIMIT_SECONDS + 10,
+) -> str:
     """Run one ImageMagick child on data (stdin); return its warnings or raise for its errors."""
     global _libc
     if _libc is None:
@@ -214,17 +221,17 @@ def run(argv: list[str], data: bytes | memoryview, cwd: str) -> str:
         ) from exc
     try:
         try:
-            _out, err = proc.communicate(bytes(data), timeout=TIME_LIMIT_SECONDS + 10)
+            _out, err = proc.communicate(bytes(data), timeout=timeout)
         except subprocess.TimeoutExpired:
             raise ConversionError(
-                outcomes.TIMEOUT, f"ImageMagick ran longer than {TIME_LIMIT_SECONDS} s"
+                outcomes.TIMEOUT, f"ImageMagick ran longer than {timeout:g} s"
             ) from None
     finally:
         if proc.returncode is None:
             _kill_group(proc)
     text = err.decode("utf-8", "replace")
     if proc.returncode != 0:
-        raise error_for(proc.returncode, text)
+        raise error_for(proc.returncode, text, cwd)
     lowered = text.lower()
     if "premature end of jpeg file" in lowered:
         # ImageMagick "succeeds" on a truncated JPEG, filling the rest with grey.
@@ -253,10 +260,12 @@ def _kill_group(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def error_for(returncode: int, stderr: str) -> ConversionError:
-    """Map a failed ImageMagick run to a reason by its messages."""
+def error_for(returncode: int, stderr: str, folder: str = "") -> ConversionError:
+    """Map a failed ImageMagick run (writing into folder) to a reason by its messages."""
     lowered = stderr.lower()
     summary = _summary(stderr) or f"exit status {returncode}"
+    if any(word in lowered for word in _DISK_FULL):
+        return ConversionError(outcomes.DISK_FULL, f"no space left in thumbnail folder {folder}")
     if returncode < 0:
         return ConversionError(
             outcomes.CRASHED, f"ImageMagick died of signal {-returncode}: {summary}"

