@@ -64,7 +64,7 @@ from exifread.core.exif_header import ExifHeader
 from exifread.core.ifd_tag import IfdTag
 from exifread.tags import DEFAULT_STOP_TAG, IGNORE_TAGS
 from exifread.tags.exif import EXIF_TAGS, GPS_TAGS, INTEROP_TAGS
-from exifread.tags.fields import FieldType
+from exifread.tags.fields import FIELD_DEFINITIONS, FieldType
 
 from photoscand.formats import RAW_FORMATS, SNIFF_BYTES, detect_format, sniff_format
 from photoscand.outcomes import CORRUPT, TRUNCATED, UNSUPPORTED, format_error
@@ -383,6 +383,13 @@ _UNPACKERS = {
 }  # fmt: skip
 
 
+_FIELD_TYPES = {
+    int(kind): (kind, FIELD_DEFINITIONS[kind][0])
+    for kind in FieldType
+    if kind != FieldType.PROPRIETARY
+}
+
+
 class _ExifReader(ExifHeader):
     """exifread's IFD reader with guards against IFD loops and offsets outside the block.
 
@@ -418,6 +425,38 @@ class _ExifReader(ExifHeader):
         if start + length > len(buf):
             return 0  # as exifread: a short read counts as zero
         return unpacker.unpack_from(buf, start)[0]
+
+    def _process_tag(
+        self,
+        ifd: int,
+        ifd_name: str,
+        tag_entry: tuple | None,
+        entry: int,
+        tag: int,
+        tag_name: str,
+        relative: int,
+        stop_tag: str,
+    ) -> None:
+        # exifread's, less the repr() it formats for a debug line on every tag (a tenth of
+        # the parse) and the relative offsets of MakerNotes, which details=False never reads.
+        known = _FIELD_TYPES.get(self.s2n(entry + 2, 2))
+        if known is None:
+            return  # unknown or proprietary type: exifread skips it too
+        field_type, type_length = known
+        count = self.s2n(entry + 4, 4)
+        offset = entry + 8
+        if count * type_length > 4:  # else the value sits in the entry itself
+            offset = self.s2n(offset, 4)
+        if field_type == FieldType.ASCII:
+            values = self._process_ascii_field(ifd_name, tag_name, count, offset)
+        else:
+            values = self._process_field(tag_name, count, field_type, type_length, offset)
+        printable, prefer_printable = self._get_printable_for_field(
+            count, values, field_type, tag_entry, stop_tag
+        )
+        self.tags[f"{ifd_name} {tag_name}"] = IfdTag(
+            printable, tag, field_type, values, offset, count * type_length, prefer_printable
+        )
 
     def list_ifd(self) -> list[int]:
         ifds: list[int] = []
@@ -1379,6 +1418,9 @@ def _parse_date(text: str | None, offset_text: str | None) -> str | None:
     return stamp
 
 
+_BLOB_TYPES = (FieldType.BYTE, FieldType.UNDEFINED)
+
+
 def _exif_json(tags: dict[str, object], extra: dict[str, str]) -> str:
     out: dict[str, str] = {}
     total = 2
@@ -1386,9 +1428,9 @@ def _exif_json(tags: dict[str, object], extra: dict[str, str]) -> str:
         if not isinstance(tag, IfdTag):
             continue
         if (
-            tag.field_type in (FieldType.BYTE, FieldType.UNDEFINED)
-            and tag.field_length > _MAX_BLOB
+            tag.field_length > _MAX_BLOB  # first: cheaper than comparing enum members
             and not tag.prefer_printable
+            and tag.field_type in _BLOB_TYPES
         ):
             continue  # ICC profiles, PrintIM and other blobs: unreadable as text
         text = tag.printable if isinstance(tag.printable, str) else str(tag.printable)
@@ -1402,17 +1444,21 @@ def _exif_json(tags: dict[str, object], extra: dict[str, str]) -> str:
     return json.dumps(out)
 
 
-def _xmp(p: _Parse) -> dict[str, str]:
-    """The few XMP properties that stand in for missing EXIF tags, from the first packets."""
+def _xmp(p: _Parse, wanted: list[str]) -> dict[str, str]:
+    """The ``wanted`` XMP properties that stand in for missing EXIF tags."""
     found: dict[str, str] = {}
     for offset, length in p.xmp[:2]:
         packet = p.src.read(offset, min(length, _MAX_BLOCK))
-        for key, pattern in _XMP_PATTERNS.items():
-            if key not in found:
-                m = pattern.search(packet)
-                if m:
-                    raw = next(g for g in m.groups() if g is not None)
-                    found[key] = html.unescape(raw.decode("utf-8", "replace")).strip()
+        for key in wanted:
+            # A plain find first: most packets lack most names, and a regex scan of a
+            # 20 KB packet per name would cost more than the rest of the file's parse.
+            at = packet.find(_XMP_NAMES[key])
+            if key in found or at < 0:
+                continue
+            m = _XMP_PATTERNS[key].search(packet, max(0, at - 1), at + 4096)
+            if m:
+                raw = next(g for g in m.groups() if g is not None)
+                found[key] = html.unescape(raw.decode("utf-8", "replace")).strip()
     return found
 
 
@@ -1440,8 +1486,16 @@ def _finish(p: _Parse) -> Metadata:
     md.model = _tag_text(tags, "Image Model") or p.extra.get("CIFF Model") or None
     latitude = _gps_degrees(tags, "Latitude", 90.0)
     longitude = _gps_degrees(tags, "Longitude", 180.0)
-    if p.xmp and None in (orientation, md.taken_at, md.make, md.model, latitude, longitude):
-        xmp = _xmp(p)
+    if p.xmp:
+        missing = {
+            "orientation": orientation,
+            "taken_at": md.taken_at,
+            "make": md.make,
+            "model": md.model,
+            "gps_lat": latitude,
+            "gps_lon": longitude,
+        }
+        xmp = _xmp(p, [key for key, value in missing.items() if value is None])
         if orientation is None and xmp.get("orientation") in _ORIENTATIONS:
             orientation = int(xmp["orientation"])
         md.taken_at = md.taken_at or _parse_date(xmp.get("taken_at"), None)
