@@ -292,12 +292,13 @@ def _our_children() -> list[int]:
             continue
         # The command name may contain spaces and parentheses: parse after the last ')'.
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == me:
+        if ppid == me and int(entry) not in KEEP_PIDS:
             kids.append(int(entry))
     return kids
 
 
-# Children that a benchmark keeps running on purpose (a file writer), never reaped as orphans.
+# Children that a benchmark keeps running on purpose (a file writer, a simulated disk),
+# never reaped as orphans.
 KEEP_PIDS: set[int] = set()
 
 
