@@ -504,7 +504,15 @@ class _ExifReader(ExifHeader):
                 continue
             tag_entry = tag_dict.get(tag)
             tag_name = tag_entry[0] if tag_entry else f"Tag 0x{tag:04X}"
-            self._process_tag(ifd, ifd_name, tag_entry, entry, tag, tag_name, relative, stop_tag)
+            try:
+                self._process_tag(
+                    ifd, ifd_name, tag_entry, entry, tag, tag_name, relative, stop_tag
+                )
+            except Exception as exc:
+                # One tag's hostile value (exifread's printers raise TypeError, IndexError,
+                # ...) costs that tag, not the rest of its IFD.
+                _reraise_io_error(exc)
+                self.notes.append(f"{ifd_name} {tag_name}: {type(exc).__name__}: {exc}")
 
 
 def _is_offset(tag: object) -> bool:
@@ -527,11 +535,15 @@ def _pointer(reader: _ExifReader, tag: object) -> int | None:
     return None
 
 
-def _exif_failure(p: _Parse, where: str, exc: Exception) -> None:
+def _reraise_io_error(exc: Exception) -> None:
     # An OSError from the real file (EIO, ESTALE) means it cannot be read: the caller's
     # business. exifread's seeks to hostile offsets raise EINVAL, which is the file's fault.
     if isinstance(exc, OSError) and exc.errno not in (None, errno.EINVAL):
         raise exc
+
+
+def _exif_failure(p: _Parse, where: str, exc: Exception) -> None:
+    _reraise_io_error(exc)
     p.problem(CORRUPT, f"EXIF {where}: {type(exc).__name__}: {exc}")
 
 

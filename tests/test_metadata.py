@@ -732,7 +732,7 @@ def test_read_metadata_fills_disk_offset_from_the_file(corpus_dir: Path, tmp_pat
 @pytest.mark.slow
 def test_costs_about_what_bare_exifread_costs(corpus_dir: Path) -> None:
     # Phase 1's budget: read_metadata may cost at most ~1.1x a bare exifread loop on camera
-    # JPEGs (docs/benchmarks.md has the full-size benchmark). Interleaved runs, median.
+    # JPEGs, IPC and SQLite coming on top. Interleaved runs, median.
     import exifread
 
     files = sorted(p for p in (corpus_dir / "cameras").glob("*.jpg") if p.stat().st_size > 20_000)
