@@ -11,7 +11,7 @@ import hashlib
 import time
 
 from photoscand import formats, outcomes
-from photoscand.converters import heif, magick, output, pillow, raw
+from photoscand.converters import color, heif, magick, output, pillow, raw
 from photoscand.converters.model import (
     Conversion,
     ConversionError,
@@ -183,18 +183,24 @@ def _convert_magick(
 ) -> tuple[dict[int, Thumbnail], str]:
     clock = time.perf_counter()
     full_size = None
+    convert_profile = False
     try:
         # Headers only, to refuse too many pixels before ImageMagick decodes anything.
         with pillow.open_image(data, fmt, spec.max_pixels) as probe:
             if fmt == "tiff" and pillow.is_dng(probe):
                 return _convert_raw(data, "dng", spec, orientation, paths, timings)
             full_size = probe.size
+            # Only a profile LittleCMS can use: ImageMagick fails the picture on a broken one.
+            convert_profile = color.needs_conversion(probe.info.get("icc_profile"), probe.mode)
     except ConversionError as exc:
         if exc.reason == outcomes.TOO_LARGE:
             raise
         # Pillow cannot parse the header; ImageMagick may (its own limits still apply).
     timings["probe"] = time.perf_counter() - clock
-    return magick.convert(data, fmt, spec, full_size, paths, timings), f"magick {fmt}"
+    written = magick.convert(
+        data, fmt, spec, full_size, paths, timings, convert_profile=convert_profile
+    )
+    return written, f"magick {fmt}"
 
 
 def _convert_raw(

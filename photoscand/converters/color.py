@@ -87,6 +87,14 @@ def to_srgb(im: Image.Image, icc: bytes | None) -> Image.Image:
     return im
 
 
+def needs_conversion(icc: bytes | None, mode: str) -> bool:
+    """True when a picture of this mode has a usable embedded profile that is not sRGB."""
+    if not icc or mode not in _SPACE_FOR_MODE:
+        return False
+    out_mode = "RGBA" if mode == "RGBA" else "RGB"
+    return _transform(bytes(icc), mode, out_mode) is not None
+
+
 def flatten(im: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Alpha composited over an opaque background (for JPEG, which has no alpha)."""
     if im.mode == "RGBA":

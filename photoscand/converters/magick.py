@@ -14,6 +14,7 @@ import contextlib
 import ctypes
 import functools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -74,11 +75,11 @@ _UNSUPPORTED = (
     "not authorized",
     "not allowed by the security policy",
     "delegate library support not built-in",
-    "unsupported",
-    "not supported",
-    "compression not",
+    "compression not supported",
+    "is not supported",
 )
 _TIMEOUT = ("time limit exceeded",)
+_TEMP_COPY = re.compile(r"/\S*magick-[\w-]+:\s*")
 _DISK_FULL = ("out of disk space", "no space left on device", "disk quota exceeded")
 
 
@@ -114,10 +115,16 @@ def child_environment() -> dict[str, str]:
 
 
 def command(
-    fmt: str, spec: ThumbnailSpec, size_hint: tuple[int, int], outputs: list[tuple[int, str]]
+    fmt: str,
+    spec: ThumbnailSpec,
+    size_hint: tuple[int, int],
+    outputs: list[tuple[int, str]],
+    *,
+    convert_profile: bool = False,
 ) -> list[str]:
     """The argument list (never a shell string). outputs: (size, relative temp name), largest
-    first; each size is made from the previous, already oriented and converted one."""
+    first; each size is made from the previous, already oriented and converted one.
+    convert_profile: the picture has a usable embedded profile that is not sRGB."""
     exe = program()
     if exe is None:
         raise ConversionError(outcomes.UNSUPPORTED, "ImageMagick is not installed")
@@ -142,7 +149,7 @@ def command(
         argv += ["-thumbnail", f"{size}x{size}>"]
         if i == 0:
             # Colour and orientation once, on the largest thumbnail (never the full picture).
-            if os.path.exists(SRGB_PROFILE):
+            if convert_profile:
                 argv += ["-profile", SRGB_PROFILE]
             argv += ["-colorspace", "sRGB", "-auto-orient"]
             if spec.format == "jpeg":
@@ -160,15 +167,18 @@ def convert(
     full_size: tuple[int, int] | None,
     paths: dict[int, str],
     timings: dict[str, float],
+    *,
+    convert_profile: bool = False,
 ) -> dict[int, Thumbnail]:
     """Run ImageMagick once for every size; full_size (from the header, if known) sizes the
-    shrink-on-load hint."""
+    shrink-on-load hint; convert_profile as for command()."""
     sizes = sorted(paths, reverse=True)
     folder = make_folder(paths[sizes[0]])
     temps = {size: temp_name(paths[size]) for size in sizes}
     largest = sizes[0]
     hint = jpegdraft.fitted(*full_size, largest) if full_size else (largest, largest)
-    argv = command(fmt, spec, hint, [(s, os.path.basename(temps[s])) for s in sizes])
+    names = [(s, os.path.basename(temps[s])) for s in sizes]
+    argv = command(fmt, spec, hint, names, convert_profile=convert_profile)
     clock = time.perf_counter()
     try:
         stderr = run(argv, data, cwd=folder)
@@ -235,7 +245,9 @@ def run(
     lowered = text.lower()
     if "premature end of jpeg file" in lowered:
         # ImageMagick "succeeds" on a truncated JPEG, filling the rest with grey.
-        raise ConversionError(outcomes.TRUNCATED, f"jpeg data ends early: {_summary(text)}")
+        raise ConversionError(
+            outcomes.TRUNCATED, "jpeg data ends early (ImageMagick: Premature end of JPEG file)"
+        )
     return _summary(text)
 
 
@@ -263,7 +275,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def error_for(returncode: int, stderr: str, folder: str = "") -> ConversionError:
     """Map a failed ImageMagick run (writing into folder) to a reason by its messages."""
     lowered = stderr.lower()
-    summary = _summary(stderr) or f"exit status {returncode}"
+    summary = _summary(stderr) or f"no picture could be read (exit status {returncode})"
     if any(word in lowered for word in _DISK_FULL):
         return ConversionError(outcomes.DISK_FULL, f"no space left in thumbnail folder {folder}")
     if returncode < 0:
@@ -282,14 +294,17 @@ def error_for(returncode: int, stderr: str, folder: str = "") -> ConversionError
 
 
 def _summary(stderr: str) -> str:
-    """The first distinct message of ImageMagick's output, without its source location."""
+    """ImageMagick's first error (else its first warning), without its source location and
+    without the name of its temporary copy of stdin."""
+    messages = []
     for line in stderr.splitlines():
         line = line.strip()
         if not line or "no images defined" in line:
             continue
-        message = line.split(" @ ", 1)[0]
+        message, _, where = line.partition(" @ ")
         if message.startswith(("convert: ", "magick: ")):
             message = message.split(": ", 1)[1]
-        # The stdin copy's temporary name says nothing useful.
-        return message.split(" `", 1)[0][:300]
-    return ""
+        message = _TEMP_COPY.sub("", message.split(" `", 1)[0]).strip()
+        messages.append((not where.startswith(("error/", "fatal/")), message[:300]))
+    errors = [message for is_warning, message in messages if not is_warning]
+    return (errors or [message for _, message in messages] or [""])[0]

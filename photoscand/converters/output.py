@@ -56,7 +56,7 @@ def existing(spec: ThumbnailSpec, paths: dict[int, str]) -> list[Thumbnail] | No
         try:
             with Image.open(path) as im:
                 width, height = im.size
-        except (OSError, ValueError, SyntaxError):
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None
         found[size] = Thumbnail(size=size, path=path, width=width, height=height)
     return ordered(spec, found)
