@@ -228,7 +228,7 @@ class Gate:
                 return waited, load, False
 
     def is_noisy(self, m: Measurement) -> bool:
-        return m.foreign_cpu > self.threshold * m.wall_exit * NCPU + STAT_SLACK_S
+        return m.foreign_cpu > self.threshold * m.window * NCPU + STAT_SLACK_S
 
 
 def add_gate_args(ap) -> None:
@@ -264,7 +264,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 _subreaper_set = False
 
 
-def _become_subreaper() -> None:
+def become_subreaper() -> None:
     """Make orphaned descendants (a daemon's leaked workers) our children, so we can reap them.
 
     Without it an orphan is re-parented to init, keeps burning CPU as "foreign load"
@@ -302,31 +302,52 @@ def _our_children() -> list[int]:
 KEEP_PIDS: set[int] = set()
 
 
-def kill_leftovers(pgid: int | None) -> bool:
-    """Kill what is left of a run: its process group and any orphan re-parented to us.
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
-    Returns True when something was left over (a daemon that leaks processes).
+
+def reap_leftovers(pgid: int | None, grace: float = 2.0) -> tuple[bool, float]:
+    """Wait for what is left of a run to exit, kill it after `grace` seconds, reap all of it.
+
+    "What is left" is the run's process group plus every orphan re-parented to us: a
+    daemon's multiprocessing forkserver, for instance, outlives the daemon briefly, and
+    the workers it reaped are accounted to it, not to the daemon. wait4 on each orphan
+    recovers that CPU, which would otherwise count as foreign load. Each child is reaped
+    by pid, never with waitpid(-1), which could steal a status someone else waits for.
+
+    Returns (whether something had to be killed, CPU seconds of everything reaped here).
     """
-    leftover = False
-    if pgid is not None:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-            leftover = True
-        except ProcessLookupError:
-            pass
-    # Orphans of the run become our children (subreaper); kill and reap each one by pid,
-    # never with waitpid(-1), which could steal the status of a child someone else waits for.
-    for _ in range(100):
-        kids = [pid for pid in _our_children() if pid not in KEEP_PIDS]
-        if not kids:
-            break
-        leftover = True
-        for pid in kids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+    killed = False
+    cpu = 0.0
+    deadline = time.monotonic() + grace
+    hard_deadline = deadline + 10.0
+    while True:
+        for pid in _our_children():
             with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-    return leftover
+                done, _status, ru = os.wait4(pid, os.WNOHANG)
+                if done:
+                    cpu += ru.ru_utime + ru.ru_stime
+        alive = _our_children()
+        if not alive and (pgid is None or not _group_exists(pgid)):
+            return killed, cpu
+        now = time.monotonic()
+        if now >= hard_deadline:
+            return True, cpu
+        if now >= deadline and not killed:
+            killed = True
+            if pgid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGKILL)
+            for pid in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        time.sleep(0.005)
 
 
 @dataclass
@@ -348,8 +369,10 @@ class Invocation:
 class Measurement:
     wall: float  # seconds to the end of the work (exit, or `until` first true)
     wall_exit: float  # seconds until the process was gone
+    window: float  # seconds over which foreign load was measured (until leftovers were reaped)
     user: float  # CPU of the process and its waited-for descendants
     sys: float
+    orphan_cpu: float  # CPU of descendants it did not wait for (reaped by us afterwards)
     foreign_cpu: float  # CPU seconds others used during the run
     foreign: float  # foreign_cpu as a share of all CPUs over the run
     returncode: int
@@ -359,7 +382,7 @@ class Measurement:
 
     @property
     def cpu(self) -> float:
-        return self.user + self.sys
+        return self.user + self.sys + self.orphan_cpu
 
 
 def measure(inv: Invocation) -> Measurement:
@@ -369,7 +392,7 @@ def measure(inv: Invocation) -> Measurement:
     with a pidfd (exact wake-up, no polling error on wall time); wait4 gives the rusage of
     the child and every descendant it waited for.
     """
-    _become_subreaper()
+    become_subreaper()
     env = os.environ.copy()
     env.update(inv.env)
     stdout = open(inv.stdout, "wb") if inv.stdout else subprocess.DEVNULL  # noqa: SIM115
@@ -420,21 +443,22 @@ def measure(inv: Invocation) -> Measurement:
                 proc.send_signal(inv.stop_signal)
         _, status, ru = os.wait4(proc.pid, 0)
         t_exit = time.monotonic()
-        busy1, self1 = proc_stat_busy(), self_cpu()
         proc.returncode = os.waitstatus_to_exitcode(status)
-        own = ru.ru_utime + ru.ru_stime + (self1 - self0)
+        leftovers, orphan_cpu = reap_leftovers(proc.pid)
+        busy1, self1, t_end = proc_stat_busy(), self_cpu(), time.monotonic()
+        own = ru.ru_utime + ru.ru_stime + orphan_cpu + (self1 - self0)
         foreign_cpu = max(0.0, (busy1 - busy0) - own)
-        wall_exit = t_exit - t0
-        leftovers = kill_leftovers(proc.pid)
         stderr.seek(0)
         tail = stderr.read()[-3000:].decode("utf-8", "replace")
         return Measurement(
             wall=(done_at if done_at is not None else t_exit) - t0,
-            wall_exit=wall_exit,
+            wall_exit=t_exit - t0,
+            window=t_end - t0,
             user=ru.ru_utime,
             sys=ru.ru_stime,
+            orphan_cpu=orphan_cpu,
             foreign_cpu=foreign_cpu,
-            foreign=foreign_cpu / (wall_exit * NCPU),
+            foreign=foreign_cpu / ((t_end - t0) * NCPU),
             returncode=proc.returncode,
             leftovers=leftovers,
             timed_out=timed_out,
@@ -448,12 +472,44 @@ def measure(inv: Invocation) -> Measurement:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(proc.pid, 0)
             proc.returncode = -signal.SIGKILL
-            kill_leftovers(proc.pid)
+            reap_leftovers(proc.pid, grace=0)
         if pidfd >= 0:
             os.close(pidfd)
         if stdout is not subprocess.DEVNULL:
             stdout.close()
         stderr.close()
+
+
+def wait_rusage(proc: subprocess.Popen, timeout: float | None) -> resource.struct_rusage | None:
+    """Wait for a child started with Popen and return its rusage; None if it is still running.
+
+    wait4 is called directly (not Popen.wait) because only it returns the CPU of the child
+    and of every descendant that child waited for.
+    """
+    pidfd = os.pidfd_open(proc.pid)
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+        if not ready:
+            return None
+        _, status, ru = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        return ru
+    finally:
+        os.close(pidfd)
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 30.0) -> resource.struct_rusage | None:
+    """SIGTERM, wait up to `grace` seconds, then SIGKILL the whole group; always reaps it."""
+    if proc.returncode is not None:
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    ru = wait_rusage(proc, grace)
+    if ru is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        ru = wait_rusage(proc, None)
+    return ru
 
 
 def install_signal_handlers() -> None:
@@ -925,18 +981,18 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
 
 def write_photoscand_config(
     run_dir: Path,
-    watch: Sequence[Path],
+    watch_paths: Sequence[Path],
     sizes: Sequence[int] = (1440, 256),
-    workers: int = 2,
-    **sections: dict,
+    worker_count: int = 2,
+    overrides: dict[str, dict] | None = None,
 ) -> Path:
     """Write a config for one photoscand run: fresh catalog and thumbnails in run_dir.
 
-    `sections` overrides or adds keys per section (e.g. workers={"max_pixels": 1000}).
+    `overrides` adds or replaces keys per section (e.g. {"workers": {"max_pixels": 1000}}).
     Metrics are off so that concurrent runs never fight over the port.
     """
     cfg: dict[str, dict] = {
-        "watch": {"paths": [str(p.resolve()) for p in watch], "rescan_interval_seconds": 0},
+        "watch": {"paths": [str(p.resolve()) for p in watch_paths], "rescan_interval_seconds": 0},
         "catalog": {"path": str(run_dir / "catalog.db")},
         "thumbnails": {
             "dir": str(run_dir / "thumbnails"),
@@ -944,11 +1000,11 @@ def write_photoscand_config(
             "format": "jpeg",
             "quality": 80,
         },
-        "workers": {"count": workers, "backend": "pillow"},
+        "workers": {"count": worker_count, "backend": "pillow"},
         "metrics": {"listen": ""},
         "logging": {"format": "json", "level": "warning"},
     }
-    for section, keys in sections.items():
+    for section, keys in (overrides or {}).items():
         cfg.setdefault(section, {}).update(keys)
     path = run_dir / "photoscand.yaml"
     # JSON is valid YAML, so no YAML library is needed here.

@@ -34,7 +34,7 @@ def photoscand_scan_method(sizes: tuple[int, ...], key: str = "photoscand"):
     """`photoscand scan` end to end (phase 1 + phase 2, 2 workers) with a fresh catalog per run."""
 
     def build(ctx):
-        cfg = h.write_photoscand_config(ctx.run_dir, [ctx.corpus], sizes=sizes, workers=2)
+        cfg = h.write_photoscand_config(ctx.run_dir, [ctx.corpus], sizes=sizes, worker_count=2)
         return h.Invocation([str(h.PHOTOSCAND), "scan", "--config", str(cfg)], timeout=1800)
 
     def count(ctx, _m):
