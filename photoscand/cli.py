@@ -7,6 +7,9 @@ configuration or catalog error; 3 the catalog is locked by another photoscand.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import sys
@@ -103,19 +106,54 @@ def _run(args: argparse.Namespace) -> int:
     return daemon.run()
 
 
+def daemon_pid(catalog_path: str) -> int | None:
+    """The pid of the daemon holding the catalog's lock, or None when none runs.
+
+    A shared lock attempt on ``<catalog>.lock`` (readable by the catalog's group) fails
+    exactly while a ``run`` or ``scan`` holds its exclusive lock.
+    """
+    try:
+        fd = os.open(catalog_path + ".lock", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return None
+            with contextlib.suppress(ValueError, OSError):
+                return int(os.read(fd, 32).split()[0])
+            return 0  # running; its pid is unreadable
+        return None
+    finally:
+        os.close(fd)
+
+
 def status_data(catalog: Catalog, roots: Sequence[str], failures: int) -> dict[str, Any]:
-    """What ``photoscand status`` reports, as plain data."""
+    """What ``photoscand status`` reports, as plain data.
+
+    Every figure is one the Grafana dashboard shows, computed the same way (see
+    docs/operations.md): counts per state (photoscand_images), phase 2 progress, the
+    conversion rate over 5 minutes, the oldest waiting image and failed rows by reason.
+    """
     counts = catalog.counts()
     now = time.time()
-    rates = catalog.converted_since({"last_minute": now - 60, "last_hour": now - 3600})
+    rates = catalog.converted_since(
+        {"last_minute": now - 60, "last_5_minutes": now - 300, "last_hour": now - 3600}
+    )
     oldest = catalog.oldest_pending_since()
+    present = sum(counts.values()) - counts["missing"]
+    pid = daemon_pid(catalog.path)
     return {
         "catalog": catalog.path,
         "roots": list(roots),
+        "daemon_pid": pid,
         "counts": counts,
         "progress": progress_line(counts),
+        "phase2_done_ratio": round(counts["done"] / present, 4) if present else 1.0,
         "converted": rates,
-        "rate_per_minute": rates["last_minute"],
+        "rate_per_minute": round(rates["last_5_minutes"] / 5, 1),
         "oldest_pending_age_seconds": round(now - oldest, 1) if oldest else 0,
         "failures_by_reason": catalog.failure_reasons(),
         "recent_failures": [
@@ -145,13 +183,16 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2, ensure_ascii=False))
         return 0
     counts = data["counts"]
+    pid = data["daemon_pid"]
     print(data["progress"])
     print("  " + "  ".join(f"{status}: {count}" for status, count in counts.items()))
     print(
-        f"  converted: {data['converted']['last_minute']} in the last minute,"
+        f"  phase 2: {data['phase2_done_ratio']:.1%} converted;"
+        f" {data['rate_per_minute']:g}/min over the last 5 minutes,"
         f" {data['converted']['last_hour']} in the last hour;"
-        f" oldest waiting: {data['oldest_pending_age_seconds']:g}s"
+        f" oldest waiting: {_duration(data['oldest_pending_age_seconds'])}"
     )
+    print("  daemon: " + ("not running" if pid is None else f"running (pid {pid})"))
     if data["failures_by_reason"]:
         reasons = ", ".join(f"{r}: {n}" for r, n in sorted(data["failures_by_reason"].items()))
         print(f"  failures by reason: {reasons}")
@@ -160,6 +201,16 @@ def _status(args: argparse.Namespace) -> int:
         for failure in data["recent_failures"]:
             print(f"  [{failure['reason']}] {failure['path']}: {failure['message']}")
     return 0
+
+
+def _duration(seconds: float) -> str:
+    """``75`` -> ``1m 15s``, like Grafana's duration unit."""
+    whole = int(seconds)
+    if whole < 60:
+        return f"{seconds:g}s"
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h {minutes}m" if hours else f"{minutes}m {secs}s"
 
 
 def _retry(args: argparse.Namespace) -> int:
