@@ -41,10 +41,12 @@ from photoscand.catalog import Catalog, Job
 from photoscand.log import display_path, get_logger
 from photoscand.metrics import Metrics
 from photoscand.prefetch import Prefetcher
-from photoscand.worker import conversion_main
+from photoscand.worker import conversion_main, sweep_main
 
 # How long to wait for a disk that was full before trying one image again.
 DISK_FULL_PROBE_SECONDS = 5.0
+# The start-up sweep of stale temporary thumbnails; past this the workers start anyway.
+SWEEP_TIMEOUT_SECONDS = 60.0
 
 
 class Child:
@@ -200,9 +202,28 @@ class Supervisor:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self) -> None:
+        self._sweep_temp_files()
         now = time.monotonic()
         for slot in self._slots:
             self._spawn(slot, now)
+
+    def _sweep_temp_files(self) -> None:
+        """Remove what workers killed with the last run left mid-write. Only before any
+        worker starts: a live worker's temporary file looks the same."""
+        child = Child(self.ctx, sweep_main, (self.settings.out_dir,), name="photoscand-sweep")
+        try:
+            if child.conn.poll(SWEEP_TIMEOUT_SECONDS):
+                removed = child.conn.recv()
+                if removed:
+                    self.log.info("removed temporary thumbnails left by the last run",
+                                  count=removed, folder=self.settings.out_dir)  # fmt: skip
+            else:
+                self.log.warning("sweep of stale temporary thumbnails timed out",
+                                 folder=self.settings.out_dir)  # fmt: skip
+        except (EOFError, OSError) as exc:
+            self.log.warning("sweep of stale temporary thumbnails failed", error=str(exc))
+        finally:
+            child.close(graceful=False)
 
     def _spawn(self, slot: _Slot, now: float) -> None:
         slot.child = Child(

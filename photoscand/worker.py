@@ -232,6 +232,20 @@ def conversion_main(conn: Connection, settings: dict[str, Any]) -> None:
         conn.send(convert_job(job, spec, backend))
 
 
+def sweep_main(conn: Connection, out_dir: str) -> None:
+    """Delete the temporary thumbnails that workers of an earlier run left behind.
+
+    Runs once at start-up, before any worker: a worker SIGKILLed mid-write (the daemon
+    killed, power lost) leaves its hidden temporary file, and no running worker can own one
+    yet. A child does it so the daemon's main thread neither walks the thumbnail tree nor
+    imports the converters.
+    """
+    _child_setup(b"photoscand-sweep")
+    from photoscand import converters
+
+    conn.send(converters.remove_stale_temp_files(out_dir))
+
+
 def _read_whole(path: bytes) -> bytes:
     """Read a file in one go and make sure it did not change while it was read."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
