@@ -100,7 +100,39 @@ def temp_name(final_path: str) -> str:
     """A unique hidden name beside final_path (unique per process and call: two workers may
     convert the same content at once, and each must rename its own complete file)."""
     folder, base = os.path.split(final_path)
+    _discard_dead_writers(folder, base)
     return os.path.join(folder, f".{base}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def _discard_dead_writers(folder: str, base: str) -> None:
+    """Remove temporary files for the same final name whose writer died mid-write.
+
+    A worker SIGKILLed while the daemon runs (a timeout, the OOM killer) leaves its file;
+    the retry of that image comes back to this very name, so leftovers are cleared here
+    instead of piling up until the next start-up sweep. A live writer's file (another
+    worker converting the same content) is left alone; the pid is in the name.
+    """
+    prefix = f".{base}."
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(TEMP_SUFFIX)):
+            continue
+        writer = name[len(prefix) : -len(TEMP_SUFFIX)].split("-", 1)[0]
+        if writer.isdigit() and not _alive(int(writer)):
+            discard(os.path.join(folder, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, under another user
+    return True
 
 
 def write_file(final_path: str, payload: bytes | memoryview) -> None:
@@ -114,7 +146,8 @@ def write_file(final_path: str, payload: bytes | memoryview) -> None:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            # fdatasync: the data and the size, not the timestamps (cheaper on every filesystem).
+            os.fdatasync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, final_path)
@@ -129,7 +162,7 @@ def commit_file(tmp: str, final_path: str) -> None:
     try:
         fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            os.fsync(fd)
+            os.fdatasync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, final_path)
