@@ -189,12 +189,12 @@ def test_a_worker_crash_and_a_hang_release_their_share_of_the_window(daemon_fact
     for pid in first:
         os.kill(pid, signal.SIGSTOP)
     for i in range(4):
-        shutil.copy(SAMPLE, daemon.photos / f"{i}.jpg")
-        with open(daemon.photos / f"{i}.jpg", "ab") as fh:  # distinct content per file
-            fh.write(bytes([i]) * 16)
-    wait_for(lambda: len(daemon.query("SELECT id FROM images WHERE status='converting'")) >= 2,
-             message="jobs in hand")  # fmt: skip
-    wait_for(lambda: scrape(port)["photoscand_prefetch_window_bytes"] > 0, message="bytes held")
+        # Distinct content per file, written whole (a change after the read would be
+        # a new version of the file, with its attempts starting over).
+        (daemon.photos / f"{i}.jpg").write_bytes(SAMPLE.read_bytes() + bytes([i]) * 16)
+    # Rows the reader claimed are "converting" too: wait until both workers hold a job.
+    wait_for(lambda: scrape(port)["photoscand_workers_busy"] == 2, message="jobs in hand")
+    assert scrape(port)["photoscand_prefetch_window_bytes"] > 0
     os.kill(first[0], signal.SIGKILL)  # a crash; the other one hangs until the timeout
     daemon.wait_settled(4, timeout=60)
     rows = daemon.query("SELECT status, attempts FROM images")
