@@ -171,3 +171,33 @@ def test_every_corpus_file_in_bad_and_unicode_gets_a_row_or_a_reason(
     shutil.copy(SAMPLES[0], daemon.photos / "after-the-bad-ones.jpg")
     daemon.wait_row(daemon.photos / "after-the-bad-ones.jpg")
     assert daemon.stop() == 0
+
+
+def test_polling_observer_sees_new_moved_and_deleted_files(daemon_factory) -> None:
+    """watch.polling (NFS/SMB): no inotify, the tree is polled; files still settle first."""
+    daemon = daemon_factory({"watch": {"polling": True, "settle_seconds": 1.0}})
+    daemon.start().wait_ready()
+    assert '"polling": true' in daemon.log_text()
+    shutil.copy(SAMPLES[0], daemon.photos / "new.jpg")
+    first = daemon.wait_row(daemon.photos / "new.jpg")
+    os.rename(daemon.photos / "new.jpg", daemon.photos / "renamed.jpg")
+    assert daemon.wait_row(daemon.photos / "renamed.jpg")[0] == first[0]
+    os.unlink(daemon.photos / "renamed.jpg")
+    daemon.wait_row(daemon.photos / "renamed.jpg", status="missing")
+    assert daemon.stop() == 0
+
+
+def test_the_periodic_walk_catches_a_change_no_event_announced(daemon_factory) -> None:
+    """Truncating a file in place raises only a modify event, which is not watched (it
+    is noise for every copy in progress): the next periodic walk finds the change."""
+    daemon = daemon_factory({"watch": {"rescan_interval_seconds": 1}})
+    daemon.start().wait_ready()
+    target = daemon.photos / "photo.jpg"
+    shutil.copy(SAMPLES[0], target)
+    daemon.wait_row(target, status="done")
+    os.truncate(target, target.stat().st_size // 2)
+    wait_for(lambda: daemon.row(target)[3] == target.stat().st_size, timeout=30,
+             message="the walk saw the new size")  # fmt: skip
+    row = daemon.wait_row(target, status="failed")
+    assert row[2].startswith("truncated")
+    assert daemon.stop() == 0
