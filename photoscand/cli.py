@@ -40,8 +40,17 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", choices=("debug", "info", "warning", "error"), help="logging.level"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub.add_parser("run", parents=[common], help="the daemon, in the foreground")
-    sub.add_parser("scan", parents=[common], help="ingest and convert everything, then exit")
+    for name, text in (
+        ("run", "the daemon, in the foreground"),
+        ("scan", "ingest and convert everything, then exit"),
+    ):
+        command = sub.add_parser(name, parents=[common], help=text)
+        command.add_argument(
+            "--metrics-file",
+            metavar="FILE",
+            help="on exit, write the final metrics there (Prometheus text format, e.g. for"
+            " node_exporter's textfile collector)",
+        )
     status = sub.add_parser("status", parents=[common], help="counts, progress and failures")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--failures", type=int, default=10, metavar="N",
@@ -102,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
     progress = None
     if args.command == "scan" and sys.stderr.isatty():
         progress = sys.stderr
-    daemon = Daemon(config, mode=args.command, progress=progress)
+    daemon = Daemon(config, mode=args.command, progress=progress, metrics_file=args.metrics_file)
     return daemon.run()
 
 

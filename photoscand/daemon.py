@@ -27,6 +27,8 @@ from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import Any, TextIO
 
+from prometheus_client import generate_latest
+
 from photoscand import config as config_module
 from photoscand import log as log_module
 from photoscand.catalog import Catalog
@@ -121,14 +123,22 @@ class Daemon:
         config: the validated configuration.
         mode: "run" or "scan".
         progress: a stream for scan's progress line (a TTY), or None.
+        metrics_file: where to write the final metrics (Prometheus text format, e.g. for
+            node_exporter's textfile collector) when the daemon exits.
     """
 
     def __init__(
-        self, config: Config, *, mode: str = "run", progress: TextIO | None = None
+        self,
+        config: Config,
+        *,
+        mode: str = "run",
+        progress: TextIO | None = None,
+        metrics_file: str | None = None,
     ) -> None:
         self.config = config
         self.mode = mode
         self.progress = progress
+        self.metrics_file = metrics_file
         self.log = get_logger("daemon")
         self.metrics = Metrics()
         self.notifier = Notifier()
@@ -192,6 +202,21 @@ class Daemon:
         finally:
             self._shutdown_components()
             self._lock.release()
+            if self.metrics_file:
+                self._write_metrics_file(self.metrics_file)
+
+    def _write_metrics_file(self, path: str) -> None:
+        """The final metrics, written atomically (a collector never reads half a file)."""
+        if self.catalog is not None:
+            with contextlib.suppress(Exception):
+                self._refresh(time.monotonic(), force=True)
+        temp = f"{path}.{os.getpid()}.tmp"
+        try:
+            with open(temp, "wb") as fh:
+                fh.write(generate_latest(self.metrics.registry))
+            os.replace(temp, path)
+        except OSError as exc:
+            self.log.error("cannot write the metrics file", path=path, error=exc.strerror)
 
     def _run(self) -> int:
         config = self.config

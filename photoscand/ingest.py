@@ -317,17 +317,15 @@ class Ingest:
             try:
                 if not child.conn.poll():
                     return
-                seq, kind, payload = child.conn.recv()
+                seq, kind, payload, seconds = child.conn.recv()
             except (EOFError, OSError):
                 return
             if not self._line or self._line[0][0] != seq:
                 continue  # an answer for a request given up on (timeout)
-            _, candidate, sent_at = self._line.popleft()
-            now = time.monotonic()
-            started = max(sent_at, self._last_answer)
-            self._last_answer = now
+            _, candidate, _sent_at = self._line.popleft()
+            self._last_answer = time.monotonic()
             self._child_failures = 0
-            self.metrics.metadata_duration.observe(max(0.0, now - started))
+            self.metrics.metadata_duration.observe(seconds)
             self._unlist(candidate)
             self._answer(candidate, kind, payload)
             self._feed()

@@ -100,7 +100,7 @@ def metadata_main(conn: Connection) -> None:
 
     Requests are ``(seq, path, shm)``, ``shm`` being None (read the file) or the place
     in shared memory where the prefetcher put its bytes; replies are ``(seq, kind,
-    payload)`` with kind
+    payload, seconds)`` with kind
     ``"meta"`` (stat tuple, column dict), ``"skip"`` (not a photo / not a regular
     file: a short why) or ``"oserror"`` (errno name, message). ``None`` ends the loop.
     """
@@ -117,16 +117,18 @@ def metadata_main(conn: Connection) -> None:
         if request is None:
             return
         seq, path, shm = request
+        started = time.perf_counter()
         if shm is None:
-            conn.send((seq, *_parse_one(path)))
-            continue
-        view = attach(shm, _mappings)
-        try:
-            conn.send((seq, *_parse_memory(path, view)))
-        finally:
-            with contextlib.suppress(BufferError):
-                view.release()
-            _forget_mapping(shm, _mappings)
+            answer = _parse_one(path)
+        else:
+            view = attach(shm, _mappings)
+            try:
+                answer = _parse_memory(path, view)
+            finally:
+                with contextlib.suppress(BufferError):
+                    view.release()
+                _forget_mapping(shm, _mappings)
+        conn.send((seq, *answer, time.perf_counter() - started))
 
 
 def _parse_one(path: bytes) -> tuple[str, Any]:

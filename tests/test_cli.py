@@ -54,9 +54,16 @@ def test_a_bad_config_names_the_key_the_value_and_what_is_allowed(tmp_path: Path
 def test_scan_converts_and_exits_with_the_outcome(daemon_factory) -> None:
     daemon = daemon_factory()
     shutil.copy(GOOD, daemon.photos / "good.jpg")
-    done = photoscand("scan", "--config", str(daemon.config_path), cwd=daemon.root)
+    metrics_file = daemon.root / "scan.prom"
+    done = photoscand("scan", "--config", str(daemon.config_path), "--metrics-file",
+                      str(metrics_file), cwd=daemon.root)  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 done, 0 failed" in done.stdout
+    # The final metrics, for node_exporter's textfile collector (and the benchmarks).
+    final = metrics_file.read_text()
+    assert 'photoscand_conversions_total{result="done"} 1.0' in final
+    assert 'photoscand_images{status="done"} 1.0' in final
+    assert 'photoscand_conversion_stage_seconds_total{stage="decode"}' in final
 
     shutil.copy(CORRUPT, daemon.photos / "broken.jpg")
     done = photoscand("scan", "--config", str(daemon.config_path), cwd=daemon.root)
