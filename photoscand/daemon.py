@@ -200,6 +200,10 @@ class Daemon:
         try:
             return self._run()
         finally:
+            if self.metrics_file and self.catalog is not None:
+                with contextlib.suppress(Exception):
+                    self.catalog.commit()
+                    self._refresh(time.monotonic(), force=True)
             self._shutdown_components()
             self._lock.release()
             if self.metrics_file:
@@ -207,9 +211,6 @@ class Daemon:
 
     def _write_metrics_file(self, path: str) -> None:
         """The final metrics, written atomically (a collector never reads half a file)."""
-        if self.catalog is not None:
-            with contextlib.suppress(Exception):
-                self._refresh(time.monotonic(), force=True)
         temp = f"{path}.{os.getpid()}.tmp"
         try:
             with open(temp, "wb") as fh:
