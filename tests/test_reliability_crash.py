@@ -1,0 +1,154 @@
+"""Crash loops: the real daemon SIGKILLed at seeded random moments and restarted, then the
+same with its workers. Afterwards the catalog is sound, every photo is ``done`` once with
+complete thumbnails, no temporary file is left, and no image was ever converted twice in
+parallel: no process of a killed daemon outlives it, and within each run no image id is
+converted twice."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+from tests.conftest import wait_for
+from tests.reliability import (
+    LARGE_PHOTO,
+    ProcessId,
+    assert_complete,
+    conversions_per_run,
+    distinct_copies,
+    log_events,
+    process_tree,
+    slow_jpeg,
+    start_and_walk,
+    survivors,
+    temp_files,
+    workers,
+)
+
+SEED = 20261130
+DAEMON_ROUNDS = 20
+WORKER_KILLS = 25
+
+
+def done_count(daemon) -> int:
+    rows = daemon.query("SELECT count(*) FROM images WHERE status = 'done'")
+    return rows[0][0] if rows else 0
+
+
+def test_stale_temporary_thumbnails_are_removed_at_start_up(daemon_factory) -> None:
+    daemon = daemon_factory()
+    thumbs = Path(daemon.config["thumbnails"]["dir"])
+    folder = thumbs / "ab" / "cd"
+    folder.mkdir(parents=True)
+    # What a worker killed mid-write leaves: its hidden temporary name beside the final one.
+    stale = folder / (".abcd" + "0" * 60 + "-256.jpg.4242-0badcafe.tmp")
+    stale.write_bytes(b"\xff\xd8half a thumbnail")
+    kept = folder / ("abcd" + "0" * 60 + "-256.jpg")
+    kept.write_bytes(b"a finished thumbnail stays")
+    distinct_copies(daemon.photos, 1)
+    daemon.start().wait_ready()
+    daemon.wait_settled(1)
+    wait_for(lambda: not stale.exists(), timeout=10, message="the stale temporary file removed")
+    assert kept.exists()
+    assert daemon.stop() == 0
+
+
+def test_kill_9_of_the_daemon_at_random_moments_loses_and_duplicates_nothing(
+    daemon_factory, tmp_path: Path
+) -> None:
+    rng = random.Random(SEED)
+    daemon = daemon_factory({"workers": {"count": 2}})
+    base = slow_jpeg(tmp_path / "base.jpg")
+    photos = distinct_copies(daemon.photos / "first", 200, base=base)
+    # Later arrivals, moved in while the daemon runs (events, not only the start-up walk).
+    staged = distinct_copies(tmp_path / "staging", 100, base=base, start=200)
+    figures = []
+    offsets: list[int] = []
+    orphans_seen = 0
+    for round_no in range(DAEMON_ROUNDS):
+        if 4 <= round_no < 9:
+            batch = staged[(round_no - 4) * 20 : (round_no - 3) * 20]
+            target = daemon.photos / "later" / f"r{round_no}"
+            target.mkdir(parents=True)
+        offsets.append(len(daemon.log_text()))
+        daemon.start()
+        assert daemon.proc is not None
+        pid = daemon.proc.pid
+        delay = rng.uniform(0.2, 3.0)
+        deadline = time.monotonic() + delay
+        seen: dict[tuple[int, int], ProcessId] = {}
+        moved = False
+        while time.monotonic() < deadline:
+            if 4 <= round_no < 9 and not moved and time.monotonic() > deadline - delay / 2:
+                for path in batch:
+                    os.rename(path, target / path.name)
+                    photos.append(target / path.name)
+                moved = True
+            for p in process_tree(pid):
+                seen[(p.pid, p.started)] = p
+            time.sleep(0.02)
+        for p in process_tree(pid):
+            seen[(p.pid, p.started)] = p
+        os.kill(pid, signal.SIGKILL)
+        daemon.proc.wait()
+        if 4 <= round_no < 9 and not moved:
+            for path in batch:
+                os.rename(path, target / path.name)
+                photos.append(target / path.name)
+        # Nothing of the killed daemon may go on converting next to its successor.
+        alive = survivors(list(seen.values()))
+        assert not alive, f"round {round_no}: outlived the daemon: {alive}"
+        orphans_seen += len(temp_files(Path(daemon.config["thumbnails"]["dir"])))
+        names = sorted({p.name for p in seen.values()})
+        figures.append((round(delay, 2), done_count(daemon), len(seen), names))
+    assert len(photos) == 300
+    offsets.append(start_and_walk(daemon))
+    daemon.wait_settled(300, timeout=180)
+    assert daemon.stop() == 0
+    end = assert_complete(daemon, photos)
+    runs = conversions_per_run(daemon, offsets)
+    twice = [(i, image_id) for i, run in enumerate(runs) for image_id, n in run.items() if n > 1]
+    assert not twice, f"converted twice within one run: {twice[:5]}"
+    total = sum(sum(run.values()) for run in runs)
+    # Progress was made under fire (not everything in the final, quiet run).
+    assert figures[-1][1] > 0, figures
+    print(f"\ndaemon kill -9: {DAEMON_ROUNDS} rounds, {end['rows']} photos, {total} conversions "
+          f"({total - end['rows']} redone after a kill), temp files left by kills: "
+          f"{orphans_seen}; (delay, done, processes) per round: "
+          f"{[f[:3] for f in figures]}")  # fmt: skip
+
+
+def test_kill_9_of_workers_at_random_moments_costs_only_attempts(daemon_factory) -> None:
+    rng = random.Random(SEED + 1)
+    daemon = daemon_factory(
+        {"workers": {"count": 2, "max_attempts": 100, "retry_backoff_seconds": 0.05}}
+    )
+    photos = distinct_copies(daemon.photos, 240, base=LARGE_PHOTO)
+    daemon.start().wait_ready()
+    kills = 0
+    while kills < WORKER_KILLS:
+        time.sleep(rng.uniform(0.05, 0.4))
+        pids = wait_for(lambda: len(workers(daemon)) == 2 and workers(daemon), timeout=20,
+                        message="two workers")  # fmt: skip
+        victim = rng.choice(sorted(pids))
+        os.kill(victim, signal.SIGKILL)
+        kills += 1
+        wait_for(lambda v=victim: v not in workers(daemon), timeout=10, message="victim reaped")
+    assert done_count(daemon) < len(photos), "the batch ended before the last kill"
+    daemon.wait_settled(len(photos), timeout=180)
+    assert daemon.stop() == 0
+    end = assert_complete(daemon, photos)
+    events = log_events(daemon)
+    in_hand = [e for e in events if e.get("event") == "worker died"]
+    idle = [e for e in events if e.get("event") == "idle worker died"]
+    assert len(in_hand) + len(idle) == WORKER_KILLS
+    attempts = daemon.query("SELECT sum(attempts) FROM images")[0][0]
+    # Each kill of a busy worker costs exactly its image one attempt; innocents none.
+    assert attempts == len(in_hand)
+    runs = conversions_per_run(daemon, [0])
+    assert max(runs[0].values()) == 1
+    print(f"\nworker kill -9: {WORKER_KILLS} kills ({len(in_hand)} mid-conversion), "
+          f"{end['rows']} photos done, attempts counted {attempts}")  # fmt: skip
