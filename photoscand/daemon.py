@@ -23,7 +23,7 @@ import queue
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from multiprocessing.connection import wait
 from typing import Any, TextIO
 
@@ -125,6 +125,8 @@ class Daemon:
         progress: a stream for scan's progress line (a TTY), or None.
         metrics_file: where to write the final metrics (Prometheus text format, e.g. for
             node_exporter's textfile collector) when the daemon exits.
+        overrides: the command-line flags' settings, applied again on each reload (flags
+            win over the file and the environment, also after SIGHUP).
     """
 
     def __init__(
@@ -134,8 +136,10 @@ class Daemon:
         mode: str = "run",
         progress: TextIO | None = None,
         metrics_file: str | None = None,
+        overrides: Mapping[str, tuple[object, str]] | None = None,
     ) -> None:
         self.config = config
+        self.overrides = dict(overrides or {})
         self.mode = mode
         self.progress = progress
         self.metrics_file = metrics_file
@@ -666,7 +670,7 @@ class Daemon:
         """SIGHUP: apply a valid new config; keep the old one when the new one is invalid."""
         self.notifier.reloading()
         try:
-            new = config_module.load_config(self.config.file)
+            new = config_module.load_config(self.config.file, overrides=self.overrides)
         except ConfigError as exc:
             self.log.error("reload refused: the new configuration is invalid; keeping the old one",
                            problems=list(exc.problems))  # fmt: skip
