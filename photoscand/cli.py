@@ -66,16 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace, *, check_paths: bool = True) -> Config:
-    overrides = {
+def _overrides(args: argparse.Namespace) -> dict[str, tuple[object, str]]:
+    """The settings given as flags (they win over the file and the environment)."""
+    flags = {
         "workers.count": (args.workers, "--workers"),
         "logging.level": (args.log_level, "--log-level"),
     }
-    return load_config(
-        args.config,
-        overrides={k: v for k, v in overrides.items() if v[0] is not None},
-        check_paths=check_paths,
-    )
+    return {k: v for k, v in flags.items() if v[0] is not None}
+
+
+def _load(args: argparse.Namespace, *, check_paths: bool = True) -> Config:
+    return load_config(args.config, overrides=_overrides(args), check_paths=check_paths)
 
 
 def _error(message: str) -> None:
@@ -111,7 +112,13 @@ def _run(args: argparse.Namespace) -> int:
     progress = None
     if args.command == "scan" and sys.stderr.isatty():
         progress = sys.stderr
-    daemon = Daemon(config, mode=args.command, progress=progress, metrics_file=args.metrics_file)
+    daemon = Daemon(
+        config,
+        mode=args.command,
+        progress=progress,
+        metrics_file=args.metrics_file,
+        overrides=_overrides(args),
+    )
     return daemon.run()
 
 
