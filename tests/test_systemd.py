@@ -270,6 +270,23 @@ def test_sighup_applies_workers_paths_and_sizes(
     assert value(body, "photoscand_files_discovered_total", {"source": "event"}) >= 2
 
 
+def test_reload_keeps_the_command_line_flags(
+    listener: NotifyListener, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    """Flags win over the file, after a reload too: `run --workers 1` stays at one worker."""
+    port = free_port()
+    daemon = daemon_factory({"metrics": {"listen": f"127.0.0.1:{port}"}})
+    daemon.start("run", "--workers", "1")
+    listener.expect(is_ready, what="READY=1")
+    assert value(scrape(port), "photoscand_workers") == 1
+    daemon.rewrite_config(workers={"count": 3}, thumbnails={"sizes": [128]})
+    daemon.proc.send_signal(signal.SIGHUP)
+    listener.expect(lambda m: "RELOADING" in m, timeout=10, what="RELOADING=1")
+    listener.expect(is_ready, timeout=10, what="READY=1 after the reload")
+    wait_for(lambda: "configuration reloaded" in daemon.log_text(), 5, message="the reload")
+    assert value(scrape(port), "photoscand_workers") == 1
+
+
 def test_a_deleted_root_is_reported_and_the_watchdog_keeps_pinging(
     listener: NotifyListener, daemon_factory: Callable[..., DaemonProcess]
 ) -> None:
