@@ -722,6 +722,7 @@ def test_magick_runs_under_our_policy(tmp_path: Path) -> None:
         [magick.program(), f"msl:{script}", "null:"], env=env, capture_output=True, timeout=60
     )
     assert refused.returncode != 0 and b"security policy `MSL'" in refused.stderr
+    assert all(missing is None for missing in available_formats("magick").values())
 
 
 def _children(pid: int) -> list[int]:

@@ -132,8 +132,7 @@ def available_formats(backend: str = "pillow") -> dict[str, str | None]:
     found["heif"] = heif.register()
     found["avif"] = heif.avif_missing()
     if backend == "magick":
-        im_missing = magick.missing()
-        found = {name: im_missing for name in found}
+        found = {name: magick.format_missing(name) for name in found}
     raw_missing = raw.missing()
     for name in sorted(formats.RAW_FORMATS):
         found[name] = raw_missing

@@ -105,6 +105,38 @@ def missing() -> str | None:
     return None if program() is not None else "ImageMagick"
 
 
+@functools.lru_cache(maxsize=1)
+def readable_coders() -> frozenset[str]:
+    """The coders this ImageMagick can read (`-list format`, mode column starting with r)."""
+    exe = program()
+    if exe is None:
+        return frozenset()
+    try:
+        done = subprocess.run(
+            [exe, "-list", "format"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+            text=True,
+            env=child_environment(),
+        )
+    except (OSError, subprocess.SubprocessError):
+        return frozenset()
+    found = set()
+    for line in done.stdout.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2].startswith("r"):
+            found.add(fields[0].rstrip("*").lower())
+    return frozenset(found)
+
+
+def format_missing(fmt: str) -> str | None:
+    """None when ImageMagick reads fmt here, else what is missing."""
+    if program() is None:
+        return "ImageMagick"
+    return None if CODERS[fmt] in readable_coders() else f"ImageMagick with the {CODERS[fmt]} coder"
+
+
 def child_environment() -> dict[str, str]:
     """The child's environment: our policy first on the configuration path, one thread."""
     env = dict(os.environ)

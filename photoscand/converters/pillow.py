@@ -190,14 +190,22 @@ def decode(
     scale = f"{fmt} 1/1"
     if im.format in ("JPEG", "MPO"):
         scale = f"{fmt} {jpegdraft.draft(im, target)}"
-    elif im.format == "HEIF" and im.draft(None, target) is not None:
-        # An embedded thumbnail at least as large as the target (iPhone: 320x240).
+    elif im.format == "HEIF" and _heif_thumbnail(im, target):
         scale = f"heif thumbnail {im.size[0]}x{im.size[1]}"
     load(im, fmt, spec.max_pixels)
     if orientation is None:
         orientation = read_orientation(im)
     icc = im.info.get("icc_profile") or None
     return Decoded(im, full_size, orientation, icc, scale)
+
+
+def _heif_thumbnail(im: Image.Image, target: tuple[int, int]) -> bool:
+    """Have pillow-heif decode an embedded thumbnail at least as large as target instead of the
+    picture (iPhones embed 320x240); a broken thumbnail just means the picture is decoded."""
+    try:
+        return im.draft(None, target) is not None
+    except _DECODER_ERRORS:
+        return False
 
 
 def is_dng(im: Image.Image) -> bool:
