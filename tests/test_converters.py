@@ -441,6 +441,30 @@ def test_jpeg_is_shrunk_on_load_and_matches_a_full_decode(tmp_path: Path) -> Non
     assert small.source == "jpeg 1/8"
 
 
+@pytest.mark.parametrize(
+    ("size", "mode", "options"),
+    [((3841, 5121), "L", {"progressive": True}), ((4001, 2999), "CMYK", {"subsampling": 0})],
+)
+def test_three_eighths_decoding_holds_for_odd_layouts(size, mode, options, tmp_path: Path) -> None:
+    with Image.open(CORPUS / "cameras/jolla.jpg") as im:
+        im.resize(size, Image.Resampling.BILINEAR).convert(mode).save(
+            tmp_path / "odd.jpg", "JPEG", quality=90, **options
+        )
+    data = (tmp_path / "odd.jpg").read_bytes()
+    conversion = convert(data, spec_for(tmp_path / "out", sizes=(1440,)))
+    thumb = conversion.thumbnails[0]
+    expected = (1080, 1440) if size[1] > size[0] else (1440, 1079)
+    assert (thumb.width, thumb.height) == expected
+    with Image.open(io.BytesIO(data)) as full:
+        full.load()
+        reference = np.asarray(
+            full.convert("RGB").resize(expected, Image.Resampling.LANCZOS), float
+        )
+    ours = pixels(thumb.path)
+    psnr = 10 * np.log10(255**2 / float(((ours - reference) ** 2).mean()))
+    assert psnr > 33, (conversion.source, psnr)
+
+
 def test_heic_uses_its_embedded_thumbnail_when_large_enough(tmp_path: Path) -> None:
     small = convert_file("heic/iphone_13_pro_max.HEIC", spec_for(tmp_path / "s", sizes=(256,)))
     assert small.source == "heif thumbnail 240x320"
