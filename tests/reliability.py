@@ -242,18 +242,14 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
 def fill(folder: Path, name: str = "filler") -> Path:
     """Fill a filesystem to the last byte; returns the filler file."""
     filler = folder / name
-    with open(filler, "wb") as fh:
-        chunk = b"\0" * (1 << 16)
-        try:
-            while True:
-                fh.write(chunk)
-                fh.flush()
-        except OSError:
-            pass
-        with contextlib.suppress(OSError):
-            while True:
-                fh.write(b"\0" * 512)
-                fh.flush()
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for chunk in (b"\0" * (1 << 16), b"\0" * 512, b"\0"):
+            with contextlib.suppress(OSError):
+                while os.write(fd, chunk):
+                    pass
+    finally:
+        os.close(fd)
     return filler
 
 
