@@ -176,8 +176,9 @@ def delay_run(
         attempts += 1
         rec = _delay_once(method, factory, mode, rep, list_file, rate, count, settle, gate)
         rec.attempts = attempts
-        if rec.error or not rec.noisy or attempts > gate.max_redo:
+        if rec.error or not rec.noisy or not gate.may_redo(attempts):
             return rec
+        gate.spent += count / rate
         h.log(f"  {method}/{mode}: foreign load {100 * rec.foreign:.1f} %, redoing")
 
 
