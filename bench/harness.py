@@ -326,6 +326,11 @@ def _our_children() -> list[int]:
 KEEP_PIDS: set[int] = set()
 
 
+# Children that a benchmark keeps running on purpose across runs (a FUSE server, a file
+# writer): never reaped or killed as a run's leftovers.
+KEEP_PIDS: set[int] = set()
+
+
 def _group_exists(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -353,11 +358,13 @@ def reap_leftovers(pgid: int | None, grace: float = 2.0) -> tuple[bool, float]:
     hard_deadline = deadline + 10.0
     while True:
         for pid in _our_children():
+            if pid in KEEP_PIDS:
+                continue
             with contextlib.suppress(ChildProcessError):
                 done, _status, ru = os.wait4(pid, os.WNOHANG)
                 if done:
                     cpu += ru.ru_utime + ru.ru_stime
-        alive = _our_children()
+        alive = [pid for pid in _our_children() if pid not in KEEP_PIDS]
         if not alive and (pgid is None or not _group_exists(pgid)):
             return killed, cpu
         now = time.monotonic()
