@@ -179,7 +179,7 @@ def one_rep(folder: Path, count: int, args: argparse.Namespace) -> tuple[Phase, 
 
 
 def render(phases: dict[str, list[Phase]], facts: dict[str, str], args: argparse.Namespace,
-           count: int) -> str:  # fmt: skip
+           count: int, unquiet: int) -> str:  # fmt: skip
     rows = []
     for label, runs in phases.items():
         pooled = [ms for p in runs for ms in p.latencies_ms]
@@ -207,7 +207,9 @@ def render(phases: dict[str, list[Phase]], facts: dict[str, str], args: argparse
         f"Busy scrapes count only when the exposition says all {args.workers} workers were "
         f"busy ({discarded} others discarded); idle scrapes follow once every photo is done.",
         "Percentiles are nearest-rank over all reps' scrapes pooled; foreign load is the CPU "
-        "other processes used during the scrapes, as a share of all CPUs.",
+        "other processes used during the scrapes, as a share of all CPUs "
+        f"({unquiet} of {args.reps} reps started without a quiet machine after "
+        f"{args.quiet_deadline:g} s of waiting).",
     ]
     return (
         "## Metrics endpoint responsiveness\n\n"
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scrapes", type=int, default=200, help="scrapes per state [%(default)s]")
     ap.add_argument("--reps", type=int, default=3, help="repetitions [%(default)s]")
     ap.add_argument("--workers", type=int, default=2, help="workers.count [%(default)s]")
-    ap.add_argument("--interval", type=float, default=0.05,
+    ap.add_argument("--interval", type=float, default=0.02,
                     help="seconds between scrapes [%(default)s]")  # fmt: skip
     ap.add_argument("--timeout", type=float, default=600, help="per rep [%(default)s]")
     ap.add_argument("--quick", action="store_true", help="smoke run: 40 photos, 50 scrapes, 1 rep")
@@ -251,8 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     files = h.photos_in(folder)
     facts = h.machine_facts()
     phases: dict[str, list[Phase]] = {"2 workers saturated": [], "idle": []}
+    unquiet = 0
     for rep in range(args.reps):
         waited, load, quiet = gate.wait_quiet()
+        unquiet += not quiet
         h.log(f"rep {rep + 1}/{args.reps}: foreign load {100 * load:.1f} % after {waited:.0f} s"
               f"{'' if quiet else ' (not quiet)'}")  # fmt: skip
         h.warm_cache(files)
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             h.log(f"  {label}: {len(phase.latencies_ms)} scrapes, p99 "
                   f"{h.fmt(h.percentile(phase.latencies_ms, 99))} ms, max "
                   f"{h.fmt(max(phase.latencies_ms, default=float('nan')))} ms")  # fmt: skip
-    body = render(phases, facts, args, len(files))
+    body = render(phases, facts, args, len(files), unquiet)
     raw = h.save_raw(SECTION, {"args": vars(args), "facts": facts, "phases": phases})
     h.log(f"raw measurements: {raw}")
     print(body)
