@@ -37,7 +37,15 @@ from photoscand.ingest import Ingest
 from photoscand.log import display_path, get_logger
 from photoscand.metrics import Metrics, MetricsServer
 from photoscand.prefetch import Prefetcher
-from photoscand.scanner import RootProblem, Vanished, WalkDone, Walker, WalkItem, WalkOutput
+from photoscand.scanner import (
+    RootProblem,
+    Vanished,
+    WalkDone,
+    Walker,
+    WalkItem,
+    WalkOutput,
+    relative_parts_ignored,
+)
 from photoscand.supervisor import Supervisor, WorkerSettings
 from photoscand.systemd import Notifier
 from photoscand.watcher import FsEvent, Watcher
@@ -411,6 +419,10 @@ class Daemon:
             catalog.mark_missing(event.path, "the file was deleted or moved out")
         elif kind == "moved" and event.dest is not None:
             ingest.forget(event.path)
+            if relative_parts_ignored(event.dest, self.roots):
+                # Renamed to a hidden or temporary name: gone from the photos' view.
+                catalog.mark_missing(event.path, "renamed to a hidden or temporary name")
+                return
             moved = catalog.move(event.path, event.dest)
             if moved is not None:
                 self.log.debug("file moved", path=display_path(event.dest),

@@ -50,8 +50,16 @@ def test_files_dropped_every_way_get_one_row_each(daemon_factory, tmp_path: Path
     moved = daemon.wait_row(photos / "2026-trip" / "100CANON" / "IMG_0.jpg")
     assert moved[0] == before
 
+    # Renamed to a hidden name (a sync tool hiding a file it will replace): gone.
+    shutil.copy(SAMPLES[0], photos / "hidden-soon.jpg")
+    daemon.wait_row(photos / "hidden-soon.jpg")
+    os.rename(photos / "hidden-soon.jpg", photos / ".hidden-soon.jpg")
+    daemon.wait_row(photos / "hidden-soon.jpg", status="missing")
+    assert daemon.row(photos / ".hidden-soon.jpg") is None
+    os.unlink(photos / ".hidden-soon.jpg")
+
     # No row was made for the temporary name, and none twice.
-    paths = list(daemon.rows())
+    paths = [p for p, r in daemon.rows().items() if r[1] != "missing"]
     assert not any(b".incoming" in p for p in paths)
     assert len(paths) == 5
 
@@ -63,7 +71,7 @@ def test_files_dropped_every_way_get_one_row_each(daemon_factory, tmp_path: Path
     daemon.start().wait_ready()
     daemon.wait_row(photos / "while-stopped.jpg")
     after = daemon.rows()
-    assert len(after) == 6
+    assert len(after) == 7  # six photos and the one hidden away (missing)
     for path, image_id in ids.items():
         assert after[path][0] == image_id, "a row changed identity across the restart"
     assert daemon.stop() == 0
