@@ -652,6 +652,12 @@ class Daemon:
 
     def _scan_finished(self, now: float) -> int | None:
         assert self.ingest is not None and self.supervisor is not None and self.catalog is not None
+        if not self.supervisor.healthy():
+            # Workers die before they can take work (a broken installation, or a memory
+            # limit too small to start): waiting would never end.
+            self.log.error("workers keep dying at start-up; giving up the scan (see above;"
+                           " check workers.memory_limit_mb and the installation)")  # fmt: skip
+            return EXIT_USAGE
         if self._walks_pending or not self._walked_once or self._has_queued_input():
             return None
         if not self.ingest.idle or self.catalog.in_transaction or self.catalog.stalled:
