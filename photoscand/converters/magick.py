@@ -222,8 +222,9 @@ def convert(
                 with Image.open(temps[size]) as im:
                     width, height = im.size
             except (OSError, ValueError, SyntaxError) as exc:
+                detail = f" ({stderr})" if stderr else ""
                 raise ConversionError(
-                    outcomes.CORRUPT, f"ImageMagick wrote no readable {spec.format}: {stderr}"
+                    outcomes.CORRUPT, f"ImageMagick wrote no readable {spec.format}{detail}"
                 ) from exc
             commit_file(temps[size], paths[size])
             written[size] = Thumbnail(size, paths[size], width, height)
