@@ -622,7 +622,8 @@ def test_out_of_memory_is_too_large(tmp_path: Path) -> None:
         f"""
         import resource, sys
         sys.path.insert(0, {str(REPO)!r})
-        from photoscand.converters import ThumbnailSpec, ConversionError, convert
+        from photoscand.converters import ThumbnailSpec, ConversionError, available_formats, convert
+        available_formats()  # load every decoder library before measuring the address space
         data = open({str(big)!r}, "rb").read()
         with open("/proc/self/status") as fh:
             vm = next(int(l.split()[1]) for l in fh if l.startswith("VmSize")) * 1024
