@@ -172,6 +172,8 @@ class Daemon:
         self._walked_once = False
         self._next_walk: float | None = None
         self._root_problems: dict[bytes, str] = {}
+        # Roots the walk in progress could not read (they stay reported when it ends).
+        self._walk_problem_roots: set[bytes] = set()
         self._counts: dict[str, int] = {}
         self._last_refresh = 0.0
         self._ready_sent = False
@@ -456,6 +458,7 @@ class Daemon:
                     self.catalog.mark_missing(item.path, "the file is gone (found by a walk)")
             elif isinstance(item, RootProblem):
                 self._report_root(item.root, item.message)
+                self._walk_problem_roots.add(item.root)
             elif isinstance(item, WalkDone):
                 self._walk_done(item, now)
 
@@ -465,9 +468,16 @@ class Daemon:
         self.metrics.last_walk_completed.set(time.time())
         self.metrics.walk_duration.set(done.seconds)
         self.metrics.watched_directories.set(done.directories)
+        # A walk that read a root clears its problem; one that reported the root
+        # (unreadable, looks unmounted) did not read it, though the folder exists.
         for root in done.roots:
-            if root in self._root_problems and os.path.isdir(root):
+            if (
+                root in self._root_problems
+                and root not in self._walk_problem_roots
+                and os.path.isdir(root)
+            ):
                 self._root_problems.pop(root, None)
+        self._walk_problem_roots.clear()
         self.metrics.roots_unavailable.set(len(self._root_problems))
         self.log.info("walk finished", reason=done.reason, files=done.files,
                       folders=done.directories, changed=done.reported,
