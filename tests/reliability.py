@@ -268,6 +268,20 @@ def sysctl(name: str, value: str) -> Iterator[str]:
 # -- an unprivileged daemon --------------------------------------------------------------------
 
 
+# What the daemon needs from its interpreter: photoscand importable and a forkserver child
+# that starts (an interpreter whose installation that user cannot read fails here).
+_PROBE = """
+import multiprocessing, photoscand.daemon
+if __name__ == "__main__":
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["photoscand.worker"])
+    child = ctx.Process(target=photoscand.daemon.progress_line, args=({},))
+    child.start()
+    child.join(30)
+    print(child.exitcode)
+"""
+
+
 @dataclass(frozen=True)
 class Unprivileged:
     """How to run a command where file mode bits count, and whom its files must belong to."""
@@ -283,10 +297,9 @@ def unprivileged() -> Unprivileged:
     the two capabilities that bypass file permissions."""
     nobody = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
     probe = subprocess.run(
-        [*nobody, sys.executable, "-c", "import photoscand.daemon, PIL.Image"],
-        capture_output=True, cwd="/",
-    )  # fmt: skip
-    if probe.returncode == 0:
+        [*nobody, sys.executable, "-c", _PROBE], capture_output=True, cwd="/", timeout=60
+    )
+    if probe.returncode == 0 and probe.stdout.strip() == b"0":
         return Unprivileged(nobody, NOBODY)
     drop = "-dac_override,-dac_read_search"
     return Unprivileged(("setpriv", f"--inh-caps={drop}", f"--bounding-set={drop}"), 0)
