@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -330,3 +331,42 @@ class UnprivilegedDaemon(DaemonProcess):
                 stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
             )  # fmt: skip
         return self
+
+
+def freeze(pids: list[int]) -> None:
+    """SIGSTOP processes and wait until the kernel shows them stopped."""
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    for pid in pids:
+        wait_for(lambda p=pid: _state(p) in ("T", "t"), timeout=10, message=f"pid {pid} stopped")
+
+
+def thaw(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0].decode()
+    except OSError:
+        return ""
+
+
+def files_under(root: Path) -> set[bytes]:
+    """Every regular file under a folder that the daemon catalogs (no hidden names)."""
+    found = set()
+    for dirpath, dirs, files in os.walk(os.fsencode(root)):
+        dirs[:] = [d for d in dirs if not d.startswith(b".")]
+        found |= {os.path.join(dirpath, f) for f in files if not f.startswith(b".")}
+    return found
+
+
+def catalog_matches_tree(daemon: DaemonProcess) -> tuple[set[bytes], set[bytes]]:
+    """(files without a live row, live rows without a file): both empty when the catalog
+    equals the filesystem."""
+    live = {bytes(r[0]) for r in daemon.query("SELECT path FROM images WHERE status != 'missing'")}
+    on_disk = files_under(daemon.photos)
+    return on_disk - live, live - on_disk
