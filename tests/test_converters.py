@@ -520,6 +520,17 @@ def test_thumbnail_path_fans_out_by_hash() -> None:
         thumbnail_path("/t", "../../etc", 256, "jpeg")
 
 
+def test_twelve_bit_jpeg_is_unsupported(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(buffer, "JPEG")
+    data = bytearray(buffer.getvalue())
+    data[data.find(b"\xff\xc0") + 4] = 12  # the frame header's sample precision
+    with pytest.raises(ConversionError) as caught:
+        convert(bytes(data), spec_for(tmp_path))
+    assert caught.value.reason == outcomes.UNSUPPORTED
+    assert "12-bit" in caught.value.message
+
+
 def test_detect_format_names_foreign_files() -> None:
     with pytest.raises(ConversionError) as caught:
         detect_format(b"BM" + bytes(100), "jpeg")

@@ -25,7 +25,7 @@ from photoscand.converters.output import write_file
 
 # Sniffed format -> the Pillow plugins allowed to open it (nothing else is ever tried).
 PLUGINS: dict[str, list[str]] = {
-    "jpeg": ["JPEG", "MPO"],
+    "jpeg": ["JPEG"],  # MPO files open through the JPEG plugin (there is no "MPO" opener)
     "png": ["PNG"],
     "gif": ["GIF"],
     "webp": ["WEBP"],
@@ -62,7 +62,13 @@ _DECODER_ERRORS = (
     NotImplementedError,
     RuntimeError,
 )
-_MISSING_CODEC = ("not configured", "not available", "not supported", "unsupported")
+_MISSING_CODEC = (
+    "not configured",
+    "not available",
+    "not supported",
+    "unsupported",
+    "cannot handle",
+)
 _TRUNCATED = ("truncated", "end of file", "end of data", "premature end", "unexpected end")
 # HEIF/AVIF metadata ('meta' with its 'ispe' boxes) comes first in every file we have seen.
 _HEIF_HEADER_BYTES = 1 << 16
