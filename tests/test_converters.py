@@ -226,6 +226,20 @@ def test_raw_without_rawpy_is_unsupported_naming_the_package(
     assert available_formats()["rw2"] == "rawpy"
 
 
+def test_heif_without_pillow_heif_is_unsupported_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from photoscand.converters import heif
+
+    heif.register()
+    monkeypatch.setitem(heif._state, "heif", "pillow-heif")  # as if the import had failed
+    with pytest.raises(ConversionError) as caught:
+        convert_file("heic/spring_1440x960.heic", spec_for(tmp_path))
+    assert caught.value.reason == outcomes.UNSUPPORTED
+    assert "pillow-heif" in caught.value.message
+    assert available_formats()["heif"] == "pillow-heif"
+
+
 def test_available_formats_names_what_is_missing() -> None:
     found = available_formats()
     for name in ("jpeg", "png", "gif", "webp", "tiff", "heif", "avif", "dng", "cr3", "nef"):

@@ -152,12 +152,10 @@ def _convert(
     pillow.configure(spec.max_pixels)
     if fmt in formats.RAW_FORMATS:
         return _convert_raw(data, fmt, spec, orientation, paths, timings)
-    if fmt == "heif" and (needed := heif.register()) is not None:
-        raise ConversionError(outcomes.UNSUPPORTED, f"HEIF needs {needed}, which is not installed")
-    if fmt == "avif" and (needed := heif.avif_missing()) is not None:
-        raise ConversionError(outcomes.UNSUPPORTED, f"AVIF needs {needed}")
     if backend == "magick":
         return _convert_magick(data, fmt, spec, orientation, paths, timings)
+    if (needed := _pillow_missing(fmt)) is not None:
+        raise ConversionError(outcomes.UNSUPPORTED, f"{fmt.upper()} needs {needed}")
     clock = time.perf_counter()
     try:
         decoded = pillow.decode(data, fmt, spec)
@@ -183,7 +181,11 @@ def _convert_magick(
     clock = time.perf_counter()
     full_size = None
     convert_profile = False
+    if (needed := magick.format_missing(fmt)) is not None:
+        raise ConversionError(outcomes.UNSUPPORTED, f"{fmt.upper()} needs {needed}")
     try:
+        if (needed := _pillow_missing(fmt)) is not None:
+            raise ConversionError(outcomes.UNSUPPORTED, f"no {needed} to read the header")
         # Headers only, to refuse too many pixels before ImageMagick decodes anything.
         with pillow.open_image(data, fmt, spec.max_pixels) as probe:
             if fmt == "tiff" and pillow.is_dng(probe):
@@ -200,6 +202,15 @@ def _convert_magick(
         data, fmt, spec, full_size, paths, timings, convert_profile=convert_profile
     )
     return written, f"magick {fmt}"
+
+
+def _pillow_missing(fmt: str) -> str | None:
+    """What Pillow lacks to open fmt (HEIF needs pillow-heif, AVIF a Pillow with libavif)."""
+    if fmt == "heif":
+        return heif.register()
+    if fmt == "avif":
+        return heif.avif_missing()
+    return None
 
 
 def _convert_raw(
