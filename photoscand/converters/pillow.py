@@ -131,6 +131,52 @@ def declared_heif_size(data: bytes | memoryview) -> tuple[int, int] | None:
     return best
 
 
+def heif_data_end(data: bytes | memoryview) -> int | None:
+    """Where the data of an ISO-BMFF (HEIF/AVIF) file's items ends, from its 'iloc' box.
+
+    Only extents given as file offsets (construction method 0) with a length count; None when
+    there is no readable 'iloc' in the header (the decoder then decides).
+    """
+    head = bytes(data[:_HEIF_HEADER_BYTES])
+    at = head.find(b"iloc")
+    if at < 4:
+        return None
+    box = head[at + 4 : at - 4 + int.from_bytes(head[at - 4 : at], "big")]
+    pos = 0
+
+    def read(size: int) -> int:
+        nonlocal pos
+        if size not in (0, 2, 4, 8) or pos + size > len(box):
+            raise ValueError("not an iloc box")
+        value = int.from_bytes(box[pos : pos + size], "big")
+        pos += size
+        return value
+
+    try:
+        version = box[0]
+        if version > 2:
+            return None
+        pos = 4
+        offset_size, length_size = box[pos] >> 4, box[pos] & 15
+        base_size = box[pos + 1] >> 4
+        index_size = (box[pos + 1] & 15) if version else 0
+        pos += 2
+        end = 0
+        for _ in range(read(2 if version < 2 else 4)):
+            read(2 if version < 2 else 4)  # item_ID
+            method = read(2) & 15 if version else 0
+            read(2)  # data_reference_index
+            base = read(base_size)
+            for _ in range(read(2)):
+                read(index_size)
+                offset, length = read(offset_size), read(length_size)
+                if method == 0 and length:
+                    end = max(end, base + offset + length)
+    except (ValueError, IndexError):
+        return None
+    return end or None
+
+
 def missing_codec(im: Image.Image) -> str | None:
     """The TIFF compression this Pillow's libtiff may have been built without, if im uses one."""
     if im.format != "TIFF":
@@ -153,6 +199,14 @@ def open_image(data: bytes | memoryview, fmt: str, max_pixels: int) -> Image.Ima
         declared = declared_heif_size(data)
         if declared is not None and declared[0] * declared[1] > max_pixels:
             raise too_large(*declared, max_pixels)
+        # libheif decodes a grid whose tiles are cut off without an error, filling the
+        # missing tiles: a truncated file must fail as truncated instead.
+        end = heif_data_end(data)
+        if end is not None and end > len(data):
+            raise ConversionError(
+                outcomes.TRUNCATED,
+                f"the file ends at byte {len(data):,} but its image data runs to byte {end:,}",
+            )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
