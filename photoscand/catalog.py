@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 APPLICATION_ID = 0x50534344  # "PSCD": identifies the file as a photoscand catalog
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 STATUSES = ("pending", "converting", "done", "failed", "missing")
 
@@ -92,6 +92,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         ) WITHOUT ROWID
         """,
     ),
+    # `retry --all` must re-encode (new quality or format) even though thumbnails named by
+    # the content hash already exist; reconvert = 1 says so until the row is done again.
+    2: ("ALTER TABLE images ADD COLUMN reconvert INTEGER NOT NULL DEFAULT 0",),
 }
 
 
@@ -143,6 +146,7 @@ class Job:
     ino: int
     disk_offset: int | None
     needs_metadata: bool = False  # a prefetch-mode row whose EXIF is read from the bytes
+    reconvert: bool = False  # re-encode even where thumbnails of this content exist
 
 
 @dataclass(frozen=True, slots=True)
@@ -558,7 +562,7 @@ class Catalog:
         index = "images_disk_order" if disk_order else "images_status"
         rows = self._conn.execute(
             "SELECT id, path, size, mtime_ns, format, orientation, attempts, dev, ino,"
-            " disk_offset, exif IS NULL AND metadata_error IS NULL"
+            " disk_offset, exif IS NULL AND metadata_error IS NULL, reconvert"
             f" FROM images INDEXED BY {index}"
             " WHERE status = 'pending' AND (retry_at IS NULL OR retry_at <= ?)"
             f" ORDER BY {order} LIMIT ?",
@@ -575,7 +579,7 @@ class Catalog:
             # that no worker holds.
             self._backlog.pop()
             return []
-        return [Job(r[0], bytes(r[1]), *r[2:10], bool(r[10])) for r in rows]
+        return [Job(r[0], bytes(r[1]), *r[2:10], bool(r[10]), bool(r[11])) for r in rows]
 
     def _op_set_converting(self, ids: list[int]) -> None:
         self._conn.executemany(
@@ -605,7 +609,7 @@ class Catalog:
     ) -> None:
         cur = self._conn.execute(
             "UPDATE images SET status = 'done', content_hash = ?, converted_at = ?, error = NULL,"
-            " retry_at = NULL WHERE id = ? AND status = 'converting'",
+            " retry_at = NULL, reconvert = 0 WHERE id = ? AND status = 'converting'",
             (content_hash, utc_now_iso(now), image_id),
         )
         if cur.rowcount == 0:
@@ -689,6 +693,8 @@ class Catalog:
     def _op_retry(self, paths: list[bytes] | None, include_done: bool) -> int:
         statuses = "('failed', 'done')" if include_done else "('failed')"
         sets = "status = 'pending', attempts = 0, retry_at = NULL, error = NULL, queued_at = ?"
+        if include_done:
+            sets += ", reconvert = 1"
         now = time.time()
         if paths is None:
             return self._conn.execute(

@@ -571,7 +571,8 @@ class Supervisor:
         """Hand one job to an idle worker."""
         assert slot.child is not None and slot.job is None
         message = {"id": job.id, "path": job.path, "format": job.format,
-                   "orientation": job.orientation, **extra}  # fmt: skip
+                   "orientation": job.orientation, "reuse": not job.reconvert,
+                   **extra}  # fmt: skip
         slot.job = job
         slot.job_started = now
         if slot.idle_since and slot.waiting_for_input:

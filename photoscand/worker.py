@@ -300,6 +300,7 @@ def convert_job(job: dict[str, Any], spec: Any, backend: str) -> dict[str, Any]:
             backend=backend,
             format_hint=job.get("format"),
             orientation=job.get("orientation"),
+            reuse_existing=job.get("reuse", True),
         )
     except FileNotFoundError as exc:
         result.update(reason=outcomes.VANISHED, message=f"file disappeared: {exc.strerror}")

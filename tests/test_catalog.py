@@ -243,3 +243,32 @@ def test_a_row_in_hand_is_not_claimed_twice_after_it_changed(catalog: Catalog) -
     catalog.release(job.id)  # the stale job ends: the row stays pending for the new bytes
     (again,) = catalog.claim(5, now)
     assert again.id == image_id and again.size == 5
+
+
+def test_a_version_1_catalog_is_migrated_in_place(tmp_path: Path) -> None:
+    from photoscand.catalog import _MIGRATIONS
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    for statement in _MIGRATIONS[1]:
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO images (path, display_path, size, mtime_ns, dev, ino, status,"
+        " discovered_at, content_hash) VALUES (?, 'x', 1, 1, 1, 1, 'done', 'then', 'aa')",
+        (b"/p/old.jpg",),
+    )
+    conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    conn.execute("PRAGMA user_version=1")
+    conn.commit()
+    conn.close()
+    cat = Catalog(str(path))
+    assert cat.query("PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert cat.query("SELECT status, reconvert FROM images") == [("done", 0)]
+    assert cat.retry(None, include_done=True) == 1
+    (job,) = cat.claim(1, time.time())
+    assert job.reconvert
+    cat.record_done(job.id, "bb" * 32, [], time.time())
+    cat.commit()
+    assert cat.query("SELECT reconvert FROM images") == [(0,)]
+    cat.close()

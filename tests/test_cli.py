@@ -125,3 +125,18 @@ def _is_zombie(pid: int) -> bool:
             return fh.read().rsplit(b")", 1)[1].split()[0] == b"Z"
     except OSError:
         return True
+
+
+def test_retry_all_reconverts_with_new_settings(daemon_factory) -> None:
+    """Thumbnails are named by content; `retry --all` still re-encodes them (new quality)."""
+    daemon = daemon_factory({"thumbnails": {"quality": 95, "sizes": [256]}})
+    shutil.copy(GOOD, daemon.photos / "good.jpg")
+    assert photoscand("scan", "--config", str(daemon.config_path), cwd=daemon.root).returncode == 0
+    (thumb,) = daemon.query("SELECT path FROM thumbnails")
+    before = os.path.getsize(thumb[0])
+    daemon.rewrite_config(thumbnails={"quality": 20})
+    done = photoscand("retry", "--all", "--config", str(daemon.config_path), cwd=daemon.root)
+    assert "1 failed or done images queued again" in done.stdout
+    assert photoscand("scan", "--config", str(daemon.config_path), cwd=daemon.root).returncode == 0
+    assert daemon.query("SELECT path FROM thumbnails") == [thumb]  # same name (same content)
+    assert os.path.getsize(thumb[0]) < before * 0.7  # re-encoded at the lower quality
