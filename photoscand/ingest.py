@@ -92,7 +92,9 @@ class Ingest:
         self.log = get_logger("ingest")
         self._settling: dict[bytes, _Settling] = {}
         self._ready: deque[_Candidate] = deque()  # complete, waiting for the parser
-        # New files at the parser, by path (a file offered again meanwhile is re-checked).
+        # New files queued for or at the parser, by path: a file offered again meanwhile
+        # (by events and by every walk that overlaps) is re-checked once after the answer,
+        # never parsed and written twice.
         self._in_flight: dict[bytes, _Candidate] = {}
         # Every request at the parser, in the order it answers: (seq, candidate, sent_at).
         self._line: deque[tuple[int, _Candidate, float]] = deque()
@@ -180,6 +182,7 @@ class Ingest:
                 self._row_from_stat(candidate)
             else:
                 self._ready.append(candidate)
+                self._in_flight[path] = candidate
 
     def parse_loaded(
         self,
@@ -286,7 +289,7 @@ class Ingest:
         while self._ready and len(self._line) < IN_FLIGHT:
             candidate = self._ready.popleft()
             fresh = candidate.image_id is None
-            if fresh and candidate.path in self._in_flight:
+            if fresh and self._in_flight.get(candidate.path, candidate) is not candidate:
                 self._in_flight[candidate.path].again = True
                 continue
             self._seq += 1
@@ -447,11 +450,9 @@ class Ingest:
             self.catalog.update_metadata(candidate.image_id, {"metadata_error": problem})
         else:
             self._row_without_metadata(candidate, problem)
-        # Everything else that was in flight goes back to the front of the line.
+        # Everything else that was in flight goes back to the front of the line (still
+        # registered in _in_flight, so nothing queues a second copy meanwhile).
         rest = [c for _, c, _ in self._line]
-        for other in rest:
-            if other.image_id is None:
-                self._in_flight.pop(other.path, None)
         self._line.clear()
         self._ready.extendleft(reversed(rest))
 
