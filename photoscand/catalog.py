@@ -205,16 +205,30 @@ class Catalog:
         if readonly:
             if not os.path.exists(path):
                 raise CatalogError(f"no catalog at {path}")
-            uri = "file:" + _uri_quote(path) + "?mode=ro"
-            self._conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
+            self._conn = self._connect_readonly(busy_timeout, immutable=False)
         else:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             self._conn = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
         try:
-            self._setup()
+            try:
+                self._setup()
+            except sqlite3.OperationalError:
+                if not readonly or os.path.exists(path + "-wal"):
+                    raise
+                # A stopped daemon left no -wal/-shm, and a reader who may not write in
+                # the catalog's folder (the operators' group under systemd) cannot create
+                # the -shm that WAL mode needs. With no -wal file everything is in the
+                # main file, so reading it as immutable is exact.
+                self._conn.close()
+                self._conn = self._connect_readonly(busy_timeout, immutable=True)
+                self._setup()
         except sqlite3.DatabaseError as exc:
             self._conn.close()
             raise CatalogError(f"cannot open catalog {path}: {exc}") from exc
+
+    def _connect_readonly(self, busy_timeout: float, *, immutable: bool) -> sqlite3.Connection:
+        uri = "file:" + _uri_quote(self.path) + "?mode=ro" + ("&immutable=1" if immutable else "")
+        return sqlite3.connect(uri, uri=True, timeout=busy_timeout, isolation_level=None)
 
     # -- set-up ---------------------------------------------------------------------
 

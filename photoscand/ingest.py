@@ -407,7 +407,12 @@ class Ingest:
         self.pending_delays.append(candidate.completed_at)
         if action in ("new", "changed"):
             self.metrics.files_discovered.labels(candidate.source).inc()
-            if candidate.source == "walk" and candidate.walk_reason not in ("start", "root"):
+            # Walks of folders just (re)added find files no event could have announced.
+            if candidate.source == "walk" and candidate.walk_reason not in (
+                "start",
+                "root",
+                "reload",
+            ):
                 self.metrics.walk_unannounced_files.inc()
         self.log.debug("ingested", path=display_path(candidate.path), action=action)
         self.on_row()

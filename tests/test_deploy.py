@@ -330,12 +330,6 @@ def test_the_catalog_group_reads_status_under_umask_0027(shared_root: Path) -> N
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root (CI runs as root)")
-@pytest.mark.xfail(
-    strict=True,
-    reason="a read-only reader cannot open a stopped WAL catalog: SQLite wants to create the "
-    "-shm file in a folder the group cannot write; the catalog must fall back to immutable=1 "
-    "or leave rollback-journal mode on a clean close",
-)
 def test_the_catalog_group_reads_status_while_the_daemon_is_stopped(shared_root: Path) -> None:
     daemon = DaemonProcess(shared_root / "d")
     shutil.copy(CORPUS / "cameras" / "exif-org_canon-ixus.jpg", daemon.photos / "a.jpg")
