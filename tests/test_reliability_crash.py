@@ -152,3 +152,27 @@ def test_kill_9_of_workers_at_random_moments_costs_only_attempts(daemon_factory)
     assert max(runs[0].values()) == 1
     print(f"\nworker kill -9: {WORKER_KILLS} kills ({len(in_hand)} mid-conversion), "
           f"{end['rows']} photos done, attempts counted {attempts}")  # fmt: skip
+
+
+def test_kill_9_of_the_metadata_parser_loses_no_row(daemon_factory, tmp_path: Path) -> None:
+    rng = random.Random(SEED + 2)
+    daemon = daemon_factory({"workers": {"count": 1}})
+    start_and_walk(daemon)
+    staged = distinct_copies(tmp_path / "staging", 1500)
+    (tmp_path / "staging").rename(daemon.photos / "batch")
+    photos = [daemon.photos / "batch" / p.name for p in staged]
+    kills = 0
+    while kills < 10 and len(daemon.query("SELECT id FROM images")) < len(photos):
+        parsers = [p.pid for p in process_tree(daemon.proc.pid) if p.name == "photoscand-meta"]
+        if parsers:
+            os.kill(parsers[0], signal.SIGKILL)
+            kills += 1
+        time.sleep(rng.uniform(0.01, 0.1))
+    assert kills >= 3, "phase 1 finished before the parser could be killed"
+    daemon.wait_settled(len(photos), timeout=240)
+    assert daemon.stop() == 0
+    end = assert_complete(daemon, photos)
+    hit = daemon.query("SELECT count(*) FROM images WHERE metadata_error LIKE 'crashed:%'")[0][0]
+    assert hit <= kills
+    print(f"\nparser kill -9: {kills} kills, {hit} rows with a crashed parse, "
+          f"{end['rows']} photos done")  # fmt: skip
