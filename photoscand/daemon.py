@@ -452,7 +452,12 @@ class Daemon:
             except queue.Empty:
                 return
             if isinstance(item, WalkItem):
-                self.ingest.complete(item.stat.path, "walk", now, walk_reason=item.reason)
+                if time.time() - item.stat.mtime_ns / 1e9 < self.config.watch.settle_seconds:
+                    # Modified moments ago: maybe still being written, and a walk sees no
+                    # close event. It must hold still first, like a file only "created".
+                    self.ingest.created(item.stat.path, now, "walk", item.reason)
+                else:
+                    self.ingest.complete(item.stat.path, "walk", now, walk_reason=item.reason)
             elif isinstance(item, Vanished):
                 if not os.path.lexists(item.path):
                     self.catalog.mark_missing(item.path, "the file is gone (found by a walk)")

@@ -55,6 +55,8 @@ class _Settling:
     size: int
     mtime_ns: int
     changed_at: float
+    source: str = "event"
+    walk_reason: str = ""
 
 
 class Ingest:
@@ -153,8 +155,11 @@ class Ingest:
 
     # -- candidates ------------------------------------------------------------------
 
-    def created(self, path: bytes, now: float) -> None:
-        """A file appeared without a close event yet: it must settle first."""
+    def created(
+        self, path: bytes, now: float, source: str = "event", walk_reason: str = ""
+    ) -> None:
+        """A file appeared without a close event yet (or a walk found it freshly modified):
+        it must settle first."""
         if relative_parts_ignored(path, self.roots):
             return
         if path in self._settling:
@@ -165,7 +170,7 @@ class Ingest:
             return
         if not stat.S_ISREG(st.st_mode):
             return
-        self._settling[path] = _Settling(st.st_size, st.st_mtime_ns, now)
+        self._settling[path] = _Settling(st.st_size, st.st_mtime_ns, now, source, walk_reason)
 
     def complete(self, path: bytes, source: str, now: float, walk_reason: str = "") -> None:
         """A file is complete (closed after writing, moved in, walked, settled)."""
@@ -280,7 +285,7 @@ class Ingest:
                 entry.size, entry.mtime_ns, entry.changed_at = st.st_size, st.st_mtime_ns, now
             elif now - entry.changed_at >= self.settle_seconds:
                 del self._settling[path]
-                self.complete(path, "event", now)
+                self.complete(path, entry.source, now, entry.walk_reason)
 
     def _feed(self) -> None:
         child = self._child
