@@ -156,3 +156,27 @@ def test_folders_renamed_during_a_walk_leave_the_catalog_equal_to_the_tree(
     assert rows == 1200
     assert daemon.stop() == 0
     print(f"\nrenamed {renames} folders during the start-up walk; 1200 files, catalog equal")
+
+
+def test_a_walk_does_not_take_a_file_still_being_written_for_complete(daemon_factory) -> None:
+    """Walks cannot see close events: a file they find mid-write must settle first, or its
+    row (and a conversion of half a photo) would come from the partial file."""
+    daemon = daemon_factory({"watch": {"rescan_interval_seconds": 1, "settle_seconds": 1.5}})
+    start_and_walk(daemon)
+    data = LARGE_PHOTO.read_bytes()
+    target = daemon.photos / "slow-copy.jpg"
+    walks = daemon.log_text().count('"walk finished"')
+    # A writer that never closes in between (so no close event) and pauses shorter than
+    # the settle time, across several periodic walks.
+    with open(target, "wb") as fh:
+        for i in range(0, len(data), len(data) // 8):
+            fh.write(data[i : i + len(data) // 8])
+            fh.flush()
+            deadline = time.monotonic() + 0.6
+            while time.monotonic() < deadline:
+                assert daemon.row(target) is None, "a row from a file still being written"
+                time.sleep(0.05)
+    assert daemon.log_text().count('"walk finished"') >= walks + 3
+    row = daemon.wait_row(target, status="done")
+    assert row[3] == len(data)
+    assert daemon.stop() == 0
