@@ -14,7 +14,6 @@ from pathlib import Path
 
 from tests.conftest import wait_for
 from tests.reliability import (
-    LARGE_PHOTO,
     ProcessId,
     assert_complete,
     conversions_per_run,
@@ -62,17 +61,23 @@ def test_kill_9_of_the_daemon_at_random_moments_loses_and_duplicates_nothing(
     rng = random.Random(SEED)
     daemon = daemon_factory({"workers": {"count": 2}})
     base = slow_jpeg(tmp_path / "base.jpg")
-    photos = distinct_copies(daemon.photos / "first", 200, base=base)
-    # Later arrivals, moved in while the daemon runs (events, not only the start-up walk).
-    staged = distinct_copies(tmp_path / "staging", 100, base=base, start=200)
+    photos = distinct_copies(daemon.photos / "first", 100, base=base)
+    # Every round, more photos are moved in while the daemon runs (events, not only the
+    # start-up walk), so each kill lands with work in hand.
+    staged = distinct_copies(tmp_path / "staging", 15 * DAEMON_ROUNDS, base=base, start=100)
     figures = []
     offsets: list[int] = []
     orphans_seen = 0
     for round_no in range(DAEMON_ROUNDS):
-        if 4 <= round_no < 9:
-            batch = staged[(round_no - 4) * 20 : (round_no - 3) * 20]
-            target = daemon.photos / "later" / f"r{round_no}"
-            target.mkdir(parents=True)
+        batch = staged[round_no * 15 : (round_no + 1) * 15]
+        target = daemon.photos / "later" / f"r{round_no:02d}"
+        target.mkdir(parents=True)
+
+        def move_in(batch=batch, target=target) -> None:
+            for path in batch:
+                os.rename(path, target / path.name)
+                photos.append(target / path.name)
+
         offsets.append(len(daemon.log_text()))
         daemon.start()
         assert daemon.proc is not None
@@ -82,10 +87,8 @@ def test_kill_9_of_the_daemon_at_random_moments_loses_and_duplicates_nothing(
         seen: dict[tuple[int, int], ProcessId] = {}
         moved = False
         while time.monotonic() < deadline:
-            if 4 <= round_no < 9 and not moved and time.monotonic() > deadline - delay / 2:
-                for path in batch:
-                    os.rename(path, target / path.name)
-                    photos.append(target / path.name)
+            if not moved and time.monotonic() > deadline - delay / 2:
+                move_in()
                 moved = True
             for p in process_tree(pid):
                 seen[(p.pid, p.started)] = p
@@ -94,43 +97,48 @@ def test_kill_9_of_the_daemon_at_random_moments_loses_and_duplicates_nothing(
             seen[(p.pid, p.started)] = p
         os.kill(pid, signal.SIGKILL)
         daemon.proc.wait()
-        if 4 <= round_no < 9 and not moved:
-            for path in batch:
-                os.rename(path, target / path.name)
-                photos.append(target / path.name)
+        if not moved:
+            move_in()
         # Nothing of the killed daemon may go on converting next to its successor.
         alive = survivors(list(seen.values()))
         assert not alive, f"round {round_no}: outlived the daemon: {alive}"
         orphans_seen += len(temp_files(Path(daemon.config["thumbnails"]["dir"])))
         names = sorted({p.name for p in seen.values()})
         figures.append((round(delay, 2), done_count(daemon), len(seen), names))
-    assert len(photos) == 300
+    total = 100 + 15 * DAEMON_ROUNDS
+    assert len(photos) == total
+    # Most kills landed while there was still work (the batch was not over early).
+    busy_rounds = sum(1 for i, f in enumerate(figures) if f[1] < 100 + 15 * (i + 1))
+    assert busy_rounds >= DAEMON_ROUNDS // 2, figures
     offsets.append(start_and_walk(daemon))
-    daemon.wait_settled(300, timeout=180)
+    daemon.wait_settled(total, timeout=180)
     assert daemon.stop() == 0
     end = assert_complete(daemon, photos)
     runs = conversions_per_run(daemon, offsets)
     twice = [(i, image_id) for i, run in enumerate(runs) for image_id, n in run.items() if n > 1]
     assert not twice, f"converted twice within one run: {twice[:5]}"
-    total = sum(sum(run.values()) for run in runs)
+    conversions = sum(sum(run.values()) for run in runs)
     # Progress was made under fire (not everything in the final, quiet run).
     assert figures[-1][1] > 0, figures
-    print(f"\ndaemon kill -9: {DAEMON_ROUNDS} rounds, {end['rows']} photos, {total} conversions "
-          f"({total - end['rows']} redone after a kill), temp files left by kills: "
+    print(f"\ndaemon kill -9: {DAEMON_ROUNDS} rounds ({busy_rounds} with work in hand), "
+          f"{end['rows']} photos, {conversions} conversions "
+          f"({conversions - end['rows']} redone after a kill), temp files left by kills: "
           f"{orphans_seen}; (delay, done, processes) per round: "
           f"{[f[:3] for f in figures]}")  # fmt: skip
 
 
-def test_kill_9_of_workers_at_random_moments_costs_only_attempts(daemon_factory) -> None:
+def test_kill_9_of_workers_at_random_moments_costs_only_attempts(
+    daemon_factory, tmp_path: Path
+) -> None:
     rng = random.Random(SEED + 1)
     daemon = daemon_factory(
         {"workers": {"count": 2, "max_attempts": 100, "retry_backoff_seconds": 0.05}}
     )
-    photos = distinct_copies(daemon.photos, 240, base=LARGE_PHOTO)
+    photos = distinct_copies(daemon.photos, 300, base=slow_jpeg(tmp_path / "base.jpg"))
     daemon.start().wait_ready()
     kills = 0
     while kills < WORKER_KILLS:
-        time.sleep(rng.uniform(0.05, 0.4))
+        time.sleep(rng.uniform(0.05, 0.3))
         pids = wait_for(lambda: len(workers(daemon)) == 2 and workers(daemon), timeout=20,
                         message="two workers")  # fmt: skip
         victim = rng.choice(sorted(pids))
