@@ -44,6 +44,7 @@ class _Candidate:
     completed_at: float  # monotonic time the file was known complete
     known_id: int | None = None  # the row this file refreshes, if any
     again: bool = False  # offered again while in flight: re-check after the answer
+    suspected: bool = False  # the parser died or hung on it once already
     # Filling in an existing row's metadata (prefetch mode, from the bytes it read):
     image_id: int | None = None
     shm: tuple[str, int, int, bool] | None = None
@@ -452,18 +453,26 @@ class Ingest:
             self._discard(child)
 
     def _give_up_head(self, child: Child, problem: str) -> None:
-        """Kill the parser, record the file it was stuck on, and re-send the rest."""
+        """Kill the parser and re-send what it held. The file it was stuck on gets one more
+        try at the head of the line; when it takes the parser down again, it is recorded
+        with the problem."""
         _seq, candidate, _ = self._line.popleft()
-        self._unlist(candidate)
         self._discard(child)
-        if candidate.image_id is not None:
-            self.catalog.update_metadata(candidate.image_id, {"metadata_error": problem})
-        else:
-            self._row_without_metadata(candidate, problem)
         # Everything else that was in flight goes back to the front of the line (still
         # registered in _in_flight, so nothing queues a second copy meanwhile).
         rest = [c for _, c, _ in self._line]
         self._line.clear()
+        if not candidate.suspected:
+            # The parser may have died of something else (killed by hand, the OOM killer,
+            # a stall under load): an innocent file must not lose its metadata for it.
+            candidate.suspected = True
+            self._ready.extendleft(reversed([candidate, *rest]))
+            return
+        self._unlist(candidate)
+        if candidate.image_id is not None:
+            self.catalog.update_metadata(candidate.image_id, {"metadata_error": problem})
+        else:
+            self._row_without_metadata(candidate, problem)
         self._ready.extendleft(reversed(rest))
 
     def _discard(self, child: Child) -> None:
