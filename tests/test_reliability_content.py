@@ -197,11 +197,15 @@ def grey_halves(daemon, cut: dict[Path, Path]) -> list[str]:
         )
         if not rows:
             continue
-        spec = converters.ThumbnailSpec(sizes=(64,), format="jpeg", quality=80,
+        # The daemon's own sizes: the 64 px thumbnail is derived from the 256 px one, and
+        # its rounding must match.
+        spec = converters.ThumbnailSpec(sizes=tuple(daemon.config["thumbnails"]["sizes"]),
+                                        format="jpeg", quality=80,
                                         out_dir=str(daemon.root / "reference"),
                                         max_pixels=100_000_000)  # fmt: skip
         whole = converters.convert(original.read_bytes(), spec, reuse_existing=False)
-        with Image.open(rows[0][0]) as got, Image.open(whole.thumbnails[0].path) as want:
+        reference = next(t.path for t in whole.thumbnails if t.size == 64)
+        with Image.open(rows[0][0]) as got, Image.open(reference) as want:
             if got.size != want.size:
                 wrong.append(f"{path.name}: {got.size} instead of {want.size}")
                 continue
