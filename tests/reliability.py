@@ -9,6 +9,7 @@ restores what it changed in a ``finally`` and only ever kills pids it recorded i
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -291,6 +292,7 @@ class Unprivileged:
     uid: int
 
 
+@functools.cache
 def unprivileged() -> Unprivileged:
     """CI runs as root, which ignores mode bits. The daemon runs as ``nobody`` when that
     user can start this interpreter and import photoscand (a venv may live under a folder
