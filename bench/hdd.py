@@ -15,11 +15,8 @@ import dataclasses
 import importlib.util
 import re
 import signal
-import socket
 import sys
 import tempfile
-import threading
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,7 +37,7 @@ TARGETS_TEXT = {
     "seeks": 1.2,  # seeks per image, prefetch on the simulated disk
     "ssd_cost": 0.90,  # prefetch vs direct on the SSD
 }
-# Counters of the daemon that say where prefetch mode waits (scraped while it runs).
+# Counters of the daemon that say where prefetch mode waits (its final --metrics-file).
 PROFILE_METRICS = {
     "worker_wait_s": "photoscand_worker_wait_seconds_total",
     "worker_busy_s": "photoscand_worker_busy_seconds_total",
@@ -49,7 +46,6 @@ PROFILE_METRICS = {
     "reader_bytes": "photoscand_prefetch_bytes_read_total",
     "worker_read_s": 'photoscand_conversion_stage_seconds_total{stage="read"}',
 }
-SCRAPE_EVERY = 0.5
 
 
 def _load_hddsim():
@@ -99,34 +95,6 @@ class Disk:
         return out
 
 
-class Scraper(threading.Thread):
-    """Polls a daemon's /metrics while it runs and keeps the last values of PROFILE_METRICS.
-
-    `photoscand scan` exits as soon as it is done, so the last sample is up to SCRAPE_EVERY
-    seconds old; that is close enough to say where the time went.
-    """
-
-    def __init__(self, port: int) -> None:
-        super().__init__(name="hdd-scraper", daemon=True)
-        self.url = f"http://127.0.0.1:{port}/metrics"
-        self.values: dict[str, float] = {}
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.wait(SCRAPE_EVERY):
-            try:
-                with urllib.request.urlopen(self.url, timeout=1.0) as resp:
-                    text = resp.read().decode()
-            except OSError:
-                continue  # not listening yet, or already gone
-            self.values = parse_metrics(text)
-
-    def stop(self) -> dict[str, float]:
-        self._stop_event.set()
-        self.join(timeout=5)
-        return dict(self.values)
-
-
 def parse_metrics(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, series in PROFILE_METRICS.items():
@@ -136,14 +104,8 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Runs:
-    """What the run in progress uses: its disk (None on the SSD) and its metrics scraper.
+    """What the run in progress uses: its disk (None on the SSD).
 
     The harness runs one method at a time, so one instance serves them all; `begin` is called
     from a method's build (after the cache warm-up and the quiet wait, right before the run)
@@ -152,29 +114,21 @@ class Runs:
 
     def __init__(self) -> None:
         self.disk: Disk | None = None
-        self.scraper: Scraper | None = None
         self.results: dict[Path, dict[str, Any]] = {}
 
-    def begin(self, run_dir: Path, disk: Disk | None, port: int | None) -> None:
-        self.stop_scraper()
+    def begin(self, disk: Disk | None) -> None:
         self.disk = disk
         if disk is not None:
             disk.begin()
-        if port is not None:
-            self.scraper = Scraper(port)
-            self.scraper.start()
 
     def end(self, run_dir: Path) -> None:
         out: dict[str, Any] = {}
         if self.disk is not None:
             out["disk"] = self.disk.end()
-        if self.scraper is not None:
-            out["metrics"] = self.stop_scraper()
+        metrics = run_dir / "metrics.prom"
+        if metrics.is_file():
+            out["metrics"] = parse_metrics(metrics.read_text())
         self.results[run_dir] = out
-
-    def stop_scraper(self) -> dict[str, float]:
-        scraper, self.scraper = self.scraper, None
-        return scraper.stop() if scraper is not None else {}
 
     def sim_cpu_now(self) -> float:
         return self.disk.cpu_since_begin() if self.disk is not None else 0.0
@@ -202,9 +156,7 @@ class SimGate(h.Gate):
 # --------------------------------------------------------------------------- methods
 
 
-def on_folder(
-    method: h.Method, folder: Path, disk: Disk | None, metrics_port: Callable[[], int | None]
-) -> h.Method:
+def on_folder(method: h.Method, folder: Path, disk: Disk | None) -> h.Method:
     """`method` run on the photos in `folder` (the mount or the SSD), with per-run bookkeeping.
 
     The harness hands every method the same context (the SSD corpus); here the folder is
@@ -221,13 +173,8 @@ def on_folder(
         return dataclasses.replace(ctx, corpus=folder, files=[folder / p.name for p in ctx.files])
 
     def new_build(ctx: h.RunContext) -> h.Invocation:
-        port = metrics_port()
-        ctx = moved(ctx)
-        inv = build(ctx)
-        if port is not None:
-            # The config was written by the build: turn the endpoint on for the scraper.
-            inv.env = {**inv.env, "PHOTOSCAND_METRICS_LISTEN": f"127.0.0.1:{port}"}
-        RUNS.begin(ctx.run_dir, disk, port)
+        inv = build(moved(ctx))
+        RUNS.begin(disk)
         return inv
 
     def new_every(ctx: h.RunContext, m: h.Measurement) -> str | None:
@@ -251,8 +198,11 @@ def on_folder(
     )
 
 
-def scan_method(key: str, mode: str, workers: int) -> h.Method:
-    """`photoscand scan` end to end with a fresh config, catalog and thumbnail folder per run."""
+def scan_method(key: str, mode: str, workers: int, profile: bool) -> h.Method:
+    """`photoscand scan` end to end with a fresh config, catalog and thumbnail folder per run.
+
+    With `profile`, the daemon writes its final metrics into the run folder on exit.
+    """
     method = t.photoscand_scan_method(SIZES, key=key)
 
     def build(ctx: h.RunContext) -> h.Invocation:
@@ -263,7 +213,10 @@ def scan_method(key: str, mode: str, workers: int) -> h.Method:
             worker_count=workers,
             overrides={"io": {"mode": mode}},
         )
-        return h.Invocation([str(h.PHOTOSCAND), "scan", "--config", str(cfg)], timeout=1800)
+        argv = [str(h.PHOTOSCAND), "scan", "--config", str(cfg)]
+        if profile:
+            argv += ["--metrics-file", str(ctx.run_dir / "metrics.prom")]
+        return h.Invocation(argv, timeout=1800)
 
     plural = "s" if workers > 1 else ""
     return dataclasses.replace(
@@ -316,14 +269,14 @@ class Plan:
     photoscand: bool
 
 
-BASES = [
-    # (base key, factory, photoscand?)
-    ("direct2", lambda: scan_method("direct2", "direct", 2), True),
-    ("direct4", lambda: scan_method("direct4", "direct", 4), True),
-    ("prefetch2", lambda: scan_method("prefetch2", "prefetch", 2), True),
-    ("prefetch1", lambda: scan_method("prefetch1", "prefetch", 1), True),
-    ("im_A", lambda: magick_through_cat("A"), False),
-    ("im_B", lambda: magick_through_cat("B"), False),
+BASES: list[tuple[str, Callable[[bool], h.Method], bool]] = [
+    # (base key, factory(profile), photoscand?)
+    ("direct2", lambda p: scan_method("direct2", "direct", 2, p), True),
+    ("direct4", lambda p: scan_method("direct4", "direct", 4, p), True),
+    ("prefetch2", lambda p: scan_method("prefetch2", "prefetch", 2, p), True),
+    ("prefetch1", lambda p: scan_method("prefetch1", "prefetch", 1, p), True),
+    ("im_A", lambda _p: magick_through_cat("A"), False),
+    ("im_B", lambda _p: magick_through_cat("B"), False),
 ]
 SHUFFLED_BASES = ("direct2", "prefetch2", "prefetch1", "im_B")
 WHERE_LABEL = {
@@ -343,10 +296,9 @@ def make_plans(corpus: Path, disks: dict[str, Disk], bases: list[str], profile: 
         for base, factory, is_scan in BASES:
             if base not in bases or (where == "shuffled" and base not in SHUFFLED_BASES):
                 continue
-            inner = factory()
+            inner = factory(profile)
             key = f"{where}_{base}"
-            port = free_port if (is_scan and profile) else (lambda: None)
-            method = on_folder(inner, folder, disk, port)
+            method = on_folder(inner, folder, disk)
             method = dataclasses.replace(method, key=key, label=inner.label)
             plans.append(Plan(key, where, base, method, is_scan))
     return plans
@@ -493,8 +445,8 @@ def render_profile(plans: list[Plan], summaries: dict[str, h.Summary], files: in
     if not rows:
         return ""
     return (
-        "Where photoscand waits (the daemon's own counters, medians over runs, sampled at most "
-        f"{SCRAPE_EVERY:g} s before it exited):\n\n" + h.md_table(headers, rows, right=range(1, 7))
+        "Where photoscand waits (the daemon's own counters at exit, `--metrics-file`; medians "
+        "over runs):\n\n" + h.md_table(headers, rows, right=range(1, 7))
     )
 
 
@@ -599,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="scrape the daemon's wait and read counters during photoscand runs [%(default)s]",
+        help="keep the daemon's wait and read counters of each photoscand run [%(default)s]",
     )
     ap.add_argument(
         "--doc",
@@ -640,14 +592,11 @@ def run(args: argparse.Namespace, bases: list[str], gate: h.Gate, write_doc: boo
     layouts = ["hdd", "shuffled"] if args.shuffled else ["hdd"]
     model = dataclasses.asdict(hddsim.DiskModel())
     facts = h.machine_facts()
-    try:
-        with simulated_disks(hddsim, corpus, layouts, model) as disks:
-            plans = make_plans(corpus, disks, bases, args.profile)
-            methods = [p.method for p in plans]
-            h.log(f"{len(methods)} methods, {args.reps} reps: {', '.join(p.key for p in plans)}")
-            result = h.run_set("hdd", methods, files, corpus, args.reps, gate, warm=files)
-    finally:
-        RUNS.stop_scraper()
+    with simulated_disks(hddsim, corpus, layouts, model) as disks:
+        plans = make_plans(corpus, disks, bases, args.profile)
+        methods = [p.method for p in plans]
+        h.log(f"{len(methods)} methods, {args.reps} reps: {', '.join(p.key for p in plans)}")
+        result = h.run_set("hdd", methods, files, corpus, args.reps, gate, warm=files)
     refs = [p.key for p in plans if p.where == "ssd"]
     refs += [f"{w}_{b}" for w in ("hdd", "shuffled") for b in ("direct2", "direct4")]
     summaries = h.summarize(result, methods, refs)
