@@ -565,6 +565,7 @@ class Daemon:
         if not self._ready_sent and self._workers_up():
             self._ready_sent = True
             self.notifier.ready(self._status_text())
+            self.log.info("ready", workers=self.supervisor.count if self.supervisor else 0)
         if self.notifier.ping_due(now) and self._healthy():
             self.notifier.ping(now)
 

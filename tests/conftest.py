@@ -106,9 +106,16 @@ class DaemonProcess:
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Ready once the start-up walk finished (the log says so)."""
-        wait_for(lambda: self.log_text().count('"walk finished"') >= self.runs
-                 or self.proc.poll() is not None, timeout, message="the start-up walk")  # fmt: skip
+        """Ready once every worker is up and the start-up walk finished (the log says so)."""
+
+        def ready() -> bool:
+            text = self.log_text()
+            return (
+                text.count('"walk finished"') >= self.runs
+                and text.count('"event": "ready"') >= self.runs
+            ) or self.proc.poll() is not None
+
+        wait_for(ready, timeout, message="workers ready and the start-up walk")
         assert self.proc is not None and self.proc.poll() is None, self.log_text()[-3000:]
 
     def log_text(self) -> str:
