@@ -201,3 +201,29 @@ def test_kill_9_of_the_metadata_parser_loses_no_row_and_blames_no_file(
     unsized = daemon.query("SELECT count(*) FROM images WHERE width IS NULL")[0][0]
     assert (hit, unsized) == (0, 0), (hit, unsized)
     print(f"\nparser kill -9: {kills} kills, no row lost or blamed, {end['rows']} photos done")
+
+
+def test_kill_9_of_the_fork_server_is_survived(daemon_factory) -> None:
+    """The fork server (every worker's and the parser's parent) killed: its children die
+    with it (PR_SET_PDEATHSIG), and the daemon starts a new server and new children."""
+    daemon = daemon_factory()
+    start_and_walk(daemon)
+    wait_for(lambda: len(workers(daemon)) == 2, message="two workers")
+    tree = process_tree(daemon.proc.pid)
+    parents = {p.pid: _parent(p.pid) for p in tree}
+    server = [p for p in tree if p.pid in parents.values() and p.name != "photoscand-work"]
+    assert len(server) == 1, tree
+    children = [p for p in tree if parents[p.pid] == server[0].pid]
+    os.kill(server[0].pid, signal.SIGKILL)
+    assert not survivors(children), "children outlived their fork server"
+    photos = distinct_copies(daemon.photos, 10)
+    daemon.wait_settled(10, timeout=60)
+    assert daemon.proc.poll() is None
+    assert len(workers(daemon)) == 2
+    assert daemon.stop() == 0
+    assert_complete(daemon, photos)
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        return int(fh.read().rsplit(b")", 1)[1].split()[1])
