@@ -10,6 +10,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import wait_for
 from tests.reliability import (
     assert_complete,
@@ -32,14 +34,19 @@ def statuses(daemon) -> dict[str, int]:
     return dict(daemon.query("SELECT status, count(*) FROM images GROUP BY status"))
 
 
+@pytest.mark.parametrize("backend", ["pillow", "magick"])
 def test_a_full_thumbnail_folder_pauses_phase_2_until_space_returns(
-    daemon_factory, tmp_path: Path
+    daemon_factory, tmp_path: Path, backend: str
 ) -> None:
     port = free_port()
     thumbs = tmp_path / "thumbs"
     with tmpfs(thumbs, "384k"):
         daemon = daemon_factory(
-            {"thumbnails": {"dir": str(thumbs)}, "metrics": {"listen": f"127.0.0.1:{port}"}}
+            {
+                "thumbnails": {"dir": str(thumbs)},
+                "metrics": {"listen": f"127.0.0.1:{port}"},
+                "workers": {"backend": backend},
+            }
         )
         photos = distinct_copies(daemon.photos, 80)
         start_and_walk(daemon)
@@ -62,8 +69,8 @@ def test_a_full_thumbnail_folder_pauses_phase_2_until_space_returns(
         assert daemon.stop() == 0
         end = assert_complete(daemon, photos)
         assert daemon.query("SELECT sum(attempts) FROM images")[0][0] == 0
-    print(f"\nthumbnails disk full: {end['rows']} photos, paused at {counts.get('done')} done,"
-          " 0 lost, 0 attempts")  # fmt: skip
+    print(f"\nthumbnails disk full ({backend}): {end['rows']} photos,"
+          f" paused at {counts.get('done')} done, 0 lost, 0 attempts")  # fmt: skip
 
 
 def test_a_full_catalog_disk_holds_rows_in_memory_until_space_returns(
