@@ -98,8 +98,12 @@ def _limit_memory(limit_mb: int) -> None:
         return
     mapped = _mapped_bytes()
     limit = mapped + limit_mb * 1024 * 1024
+    # Only the soft limit: the prefetch window, mapped later, raises it (see _allow_shared).
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
     with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
 
 
 def _mapped_bytes() -> int:
@@ -193,16 +197,35 @@ def attach(shm: tuple[str, int, int, bool], cache: dict[str, mmap.mmap]) -> memo
     ``shm`` is (path, offset, length, keep): the window's mapping is kept across jobs;
     a photo larger than the window has its own memory, mapped for one job.
     """
-    path, offset, length, _keep = shm
+    path, offset, length, keep = shm
     mapping = cache.get(path)
     if mapping is None:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
+            if keep:
+                _allow_shared(os.fstat(fd).st_size)
             mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
         cache[path] = mapping
     return memoryview(mapping)[offset : offset + length]
+
+
+def _allow_shared(nbytes: int) -> None:
+    """Widen this process's address-space limit by the prefetch window it is about to map.
+
+    The window is the daemon's memory, mapped whole and shared by every worker, not what
+    one image needs: left inside workers.memory_limit_mb it would shrink every decode's
+    budget by its size, and a window as large as the limit would fail every image.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return
+    wanted = soft + nbytes
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_AS, (wanted, hard))
 
 
 def _forget_mapping(shm: tuple[str, int, int, bool], cache: dict[str, mmap.mmap]) -> None:

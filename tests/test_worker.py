@@ -1,0 +1,99 @@
+"""The conversion worker as a real child process: its memory limit next to the prefetch window."""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import multiprocessing
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from photoscand.worker import conversion_main
+from tests.conftest import CORPUS
+
+SAMPLE = CORPUS / "cameras" / "Canon_40D.jpg"
+LIMIT_MB = 64
+WINDOW = 160 << 20  # larger than the worker's whole memory limit
+
+
+class Window:
+    """A memory file like the prefetcher's, holding photos at known offsets."""
+
+    def __init__(self, size: int) -> None:
+        self.fd = os.memfd_create("test-window", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self.map = mmap.mmap(self.fd, size)
+        self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
+        self.used = 0
+
+    def put(self, data: bytes) -> tuple[str, int, int, bool]:
+        offset = self.used
+        self.map[offset : offset + len(data)] = data
+        self.used += len(data)
+        return (self.path, offset, len(data), True)
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[Any]:
+    """A worker limited to LIMIT_MB, started like the supervisor starts it."""
+    ctx = multiprocessing.get_context("forkserver")
+    parent, child = ctx.Pipe(duplex=True)
+    settings = {
+        "sizes": [256],
+        "format": "jpeg",
+        "quality": 80,
+        "out_dir": str(tmp_path / "thumbs"),
+        "max_pixels": 400_000_000,
+        "backend": "pillow",
+        "memory_limit_mb": LIMIT_MB,
+    }
+    process = ctx.Process(target=conversion_main, args=(child, settings), daemon=True)
+    process.start()
+    child.close()
+    assert parent.poll(60), "the worker did not start"
+    assert "ready" in parent.recv()
+    yield parent
+    with contextlib.suppress(OSError):  # a worker that died has closed its end
+        parent.send(None)
+    process.join(10)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+def convert(conn: Any, job: dict[str, Any]) -> dict[str, Any]:
+    conn.send(job)
+    assert conn.poll(120), "no answer from the worker"
+    return conn.recv()
+
+
+def test_a_prefetch_window_larger_than_the_memory_limit_leaves_the_decode_budget_whole(
+    worker: Any, tmp_path: Path
+) -> None:
+    window = Window(WINDOW)
+    try:
+        photo = window.put(SAMPLE.read_bytes())
+        result = convert(worker, {"id": 1, "path": b"/nonexistent", "format": "jpeg",
+                                  "orientation": None, "shm": photo})  # fmt: skip
+        assert result["ok"], result
+        assert len(result["thumbnails"]) == 1
+
+        # The limit still bounds decoding: 12,000 x 9,000 RGB pixels need ~400 MB.
+        bomb = tmp_path / "bomb.png"
+        Image.new("RGB", (12_000, 9_000), (40, 90, 160)).save(bomb, compress_level=1)
+        photo = window.put(bomb.read_bytes())
+        result = convert(worker, {"id": 2, "path": b"/nonexistent", "format": "png",
+                                  "orientation": None, "shm": photo})  # fmt: skip
+        assert not result["ok"]
+        assert result["reason"] == "too_large", result
+    finally:
+        window.close()
