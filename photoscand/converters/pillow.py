@@ -167,7 +167,12 @@ def heif_data_end(data: bytes | memoryview) -> int | None:
             method = read(2) & 15 if version else 0
             read(2)  # data_reference_index
             base = read(base_size)
-            for _ in range(read(2)):
+            extents, extent_size = read(2), index_size + offset_size + length_size
+            # Every extent must take bytes of the box: a hostile box of empty extents with
+            # huge counts would otherwise loop for seconds (found by bench/fuzz.py).
+            if extents * extent_size > len(box) - pos or (extents and not extent_size):
+                return None
+            for _ in range(extents):
                 read(index_size)
                 offset, length = read(offset_size), read(length_size)
                 if method == 0 and length:
