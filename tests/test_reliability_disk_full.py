@@ -89,11 +89,13 @@ def test_a_full_catalog_disk_holds_rows_in_memory_until_space_returns(
         start_and_walk(daemon)
         pid = daemon.proc.pid
         daemon.wait_settled(len(first))
-        filler = fill(db_dir)
-        # The batch arrives while the catalog's disk has not a byte left.
         later = distinct_copies(daemon.root / "staging", 400, start=100)
         shutil.move(str(daemon.root / "staging"), str(daemon.photos / "later"))
         later = [daemon.photos / "later" / p.name for p in later]
+        # Mid-batch: rows are being written and photos converted when the disk fills.
+        wait_for(lambda: len(daemon.query("SELECT id FROM images")) >= len(first) + 40,
+                 message="the batch under way")  # fmt: skip
+        filler = fill(db_dir)
         wait_for(lambda: disk_full(port, "catalog") == 1, timeout=60,
                  message="disk_full{catalog} = 1")  # fmt: skip
         assert "catalog disk is full" in daemon.log_text()
@@ -108,5 +110,5 @@ def test_a_full_catalog_disk_holds_rows_in_memory_until_space_returns(
         assert daemon.stop() == 0
         end = assert_complete(daemon, first + later)
         assert daemon.query("SELECT sum(attempts) FROM images")[0][0] == 0
-    print(f"\ncatalog disk full: {end['rows']} photos, {held} rows committed while full,"
-          " 0 lost")  # fmt: skip
+    print(f"\ncatalog disk full mid-batch: {end['rows']} photos, {held} rows in the catalog"
+          " when it filled, 0 lost")  # fmt: skip
