@@ -778,9 +778,15 @@ class Summary:
     wall_s: float  # median
     ratios: dict[str, float]  # speed relative to a reference, median of per-rep ratios
     noisy_runs: int
+    noisy_used: bool  # whether the medians include noisy runs (too few clean ones)
     redos: int
     error: str | None
     extra: list[dict]
+
+
+def min_clean_runs(reps: int) -> int:
+    """Clean runs needed before noisy ones are left out of a median (3 of 5, 1 of 1)."""
+    return max(1, min(3, (reps + 1) // 2))
 
 
 def summarize(
@@ -789,8 +795,11 @@ def summarize(
     """Medians per method, and for each reference the median over reps of the same-rep speed ratio.
 
     A ratio is (method files/s) / (reference files/s) in one rep; above 1 means faster than
-    the reference. Pairing within a rep cancels most slow drifts of the machine.
+    the reference. Pairing within a rep cancels most slow drifts of the machine. Runs kept
+    with the noisy flag are left out when enough clean ones exist (min_clean_runs): for a
+    ratio, a rep counts as clean when both of its runs are.
     """
+    need = min_clean_runs(result.reps)
     by_key: dict[str, list[RunRecord]] = {}
     for rec in result.records:
         by_key.setdefault(rec.method, []).append(rec)
@@ -798,15 +807,19 @@ def summarize(
     for method in methods:
         recs = by_key.get(method.key, [])
         ok = [r for r in recs if r.error is None]
+        clean = [r for r in ok if not r.noisy]
+        use = clean if len(clean) >= need else ok
         error = next((r.error for r in recs if r.error), None)
         ratios: dict[str, float] = {}
         for ref in refs:
             ref_by_rep = {r.rep: r for r in by_key.get(ref, []) if r.error is None}
-            per_rep = [
-                r.files_per_s / ref_by_rep[r.rep].files_per_s for r in ok if r.rep in ref_by_rep
-            ]
+            pairs = [(r, ref_by_rep[r.rep]) for r in ok if r.rep in ref_by_rep]
+            clean_pairs = [(a, b) for a, b in pairs if not a.noisy and not b.noisy]
+            if len(clean_pairs) >= need:
+                pairs = clean_pairs
+            per_rep = [a.files_per_s / b.files_per_s for a, b in pairs]
             ratios[ref] = median(per_rep) if per_rep else float("nan")
-        fps = [r.files_per_s for r in ok]
+        fps = [r.files_per_s for r in use]
         out[method.key] = Summary(
             key=method.key,
             label=method.label,
@@ -814,15 +827,41 @@ def summarize(
             files_per_s=median(fps),
             files_per_s_min=min(fps) if fps else float("nan"),
             files_per_s_max=max(fps) if fps else float("nan"),
-            cpu_ms_per_file=median([1000 * r.m.cpu / r.files for r in ok]),
-            wall_s=median([r.m.wall for r in ok]),
+            cpu_ms_per_file=median([1000 * r.m.cpu / r.files for r in use]),
+            wall_s=median([r.m.wall for r in use]),
             ratios=ratios,
-            noisy_runs=sum(r.noisy for r in ok),
+            noisy_runs=len(ok) - len(clean),
+            noisy_used=use is ok and len(clean) < len(ok),
             redos=sum(r.attempts - 1 for r in recs),
             error=error,
             extra=[r.extra for r in ok if r.extra],
         )
     return out
+
+
+def noisy_note(s: Summary) -> str:
+    """What a files/s cell says about the noisy runs of a method."""
+    if not s.noisy_runs:
+        return ""
+    verb = "included" if s.noisy_used else "left out"
+    return f" ({s.noisy_runs} noisy {verb})"
+
+
+def load_set(d: dict) -> SetResult:
+    """A SetResult back from the JSON that save_raw wrote, to re-render a table from it."""
+    # Files written before a field existed get its neutral value.
+    records = [
+        RunRecord(
+            **{
+                **r,
+                "m": Measurement(**{"window": r["m"]["wall_exit"], "orphan_cpu": 0.0, **r["m"]}),
+            }
+        )
+        for r in d["records"]
+    ]
+    return SetResult(
+        d["name"], d["files"], d["reps"], records, Gate(**d["gate"]), d["started"], d["finished"]
+    )
 
 
 def gating_outcome(results: Sequence[SetResult]) -> str:

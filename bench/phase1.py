@@ -320,11 +320,10 @@ def render_throughput(methods, summaries, pending: dict[str, str], n: int, reps:
             why = pending.get(m.key) or (s.error if s else None) or "no run"
             rows.append([m.label, f"pending ({why})", "", "", "", ""])
             continue
-        noisy = f" ({s.noisy_runs} noisy)" if s.noisy_runs else ""
         rows.append(
             [
                 m.label,
-                h.fmt(s.files_per_s) + noisy,
+                h.fmt(s.files_per_s) + h.noisy_note(s),
                 f"{h.fmt(s.files_per_s_min)}–{h.fmt(s.files_per_s_max)}",
                 h.fmt(s.cpu_ms_per_file, 2),
                 *[h.fmt(s.ratios.get(k, float("nan")), 2) for k, _ in refs],

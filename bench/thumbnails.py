@@ -9,6 +9,7 @@ no metadata) before its numbers count.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sqlite3
 import sys
@@ -141,11 +142,10 @@ def render_set(
             why = pending.get(method.key) or (s.error if s else None) or "no run"
             rows.append([method.label, f"pending ({why})", "", "", *["" for _ in refs]])
             continue
-        noisy = f" ({s.noisy_runs} noisy)" if s.noisy_runs else ""
         rows.append(
             [
                 method.label,
-                h.fmt(s.files_per_s) + noisy,
+                h.fmt(s.files_per_s) + h.noisy_note(s),
                 f"{h.fmt(s.files_per_s_min)}–{h.fmt(s.files_per_s_max)}",
                 h.fmt(s.cpu_ms_per_file),
                 *[h.fmt(s.ratios.get(key, float("nan")), 2) for key, _ in refs],
@@ -186,6 +186,52 @@ def render_breakdown(summaries: dict[str, h.Summary]) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def plan_sets(which: str) -> list[tuple[str, str, list, list[tuple[str, str]]]]:
+    """(name, title, methods, references) of each set to run."""
+    sets = []
+    if which in ("all", "both"):
+        methods = [photoscand_scan_method(SIZES), *y.thumbnail_yardsticks(SIZES)]
+        refs = [("pil_pool", "bare Pillow pool"), ("pyvips_pool", "pyvips pool")]
+        sets.append(("both", "12 MP JPEG → 1440 px and 256 px, JPEG q80", methods, refs))
+    if which in ("all", "256"):
+        methods = [
+            photoscand_scan_method((256,), key="photoscand_256"),
+            y.djpeg_method(8),
+            y.pool_method("pil", (256,)),
+        ]
+        methods[0].label = "**photoscand scan**, 256 only, 2 workers, end to end"
+        refs = [("djpeg_1_8", "djpeg 1/8, 2 procs"), ("pil_pool", "bare Pillow pool")]
+        sets.append(("256", "12 MP JPEG → 256 px only, JPEG q80", methods, refs))
+    return sets
+
+
+def report(
+    plan, results: list[h.SetResult], facts: dict, pending: dict[str, str], reps: int
+) -> str:
+    """The markdown section: one table per set, the targets, the breakdown, the facts."""
+    blocks, all_summaries, names = [], [], {}
+    for (_name, title, methods, refs), res in zip(plan, results, strict=True):
+        runnable = [m for m in methods if m.key not in pending]
+        summaries = h.summarize(res, runnable, [k for k, _ in refs])
+        all_summaries.append(summaries)
+        names.update({m.key: m.label.replace("**", "") for m in methods})
+        names.update(dict(refs))
+        heading = f"### {title} ({res.files} files, {res.reps} reps)"
+        blocks.append(render_set(heading, methods, summaries, refs, pending))
+    names.update({"photoscand": "photoscand end to end", "photoscand_256": "photoscand 256 px"})
+    blocks.append(render_targets(all_summaries, names))
+    if plan and plan[0][0] == "both":
+        blocks.append(render_breakdown(all_summaries[0]))
+    notes = [
+        "Ratios are speed ratios: the method's files/s divided by the reference's in the same "
+        "rep, median over reps (above 1 = faster than the reference).",
+        "Foreign load: " + h.gating_outcome(results) + ". Noisy runs are left out of medians "
+        f"and ratios when at least {h.min_clean_runs(reps)} clean ones exist.",
+    ]
+    blocks.append(h.facts_markdown(facts, reps, notes))
+    return "\n\n".join(blocks)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__ + "\nWrites its section of docs/benchmarks.md (full runs).",
@@ -209,8 +255,24 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="update docs/benchmarks.md (default: yes, except with --quick)",
     )
+    ap.add_argument(
+        "--rerender",
+        metavar="RAW_JSON",
+        help="run nothing: render the tables again from a bench/out/thumbnails-*.json",
+    )
     h.add_gate_args(ap)
     args = ap.parse_args(argv)
+    if args.rerender:
+        payload = json.loads(Path(args.rerender).read_text())
+        saved = payload["args"]
+        plan = plan_sets(saved["sets"])
+        results = [h.load_set(d) for d in payload["sets"]]
+        body = report(plan, results, payload["facts"], payload["pending"], saved["reps"])
+        print(body)
+        if args.doc if args.doc is not None else not saved["quick"]:
+            h.write_section(SECTION, body)
+            h.log(f"updated the {SECTION} section of {h.DOC}")
+        return 0
     if args.quick:
         args.files, args.reps = min(args.files, 20), 1
     write_doc = args.doc if args.doc is not None else not args.quick
@@ -230,45 +292,14 @@ def main(argv: list[str] | None = None) -> int:
             h.log(f"photoscand cannot be benchmarked yet: {why}")
             pending["photoscand"] = pending["photoscand_256"] = "daemon not ready"
 
-    sets = []
-    if args.sets in ("all", "both"):
-        methods = [photoscand_scan_method(SIZES), *y.thumbnail_yardsticks(SIZES)]
-        refs = [("pil_pool", "bare Pillow pool"), ("pyvips_pool", "pyvips pool")]
-        sets.append(("both", "12 MP JPEG → 1440 px and 256 px, JPEG q80", methods, refs))
-    if args.sets in ("all", "256"):
-        methods = [
-            photoscand_scan_method((256,), key="photoscand_256"),
-            y.djpeg_method(8),
-            y.pool_method("pil", (256,)),
-        ]
-        methods[0].label = "**photoscand scan**, 256 only, 2 workers, end to end"
-        refs = [("djpeg_1_8", "djpeg 1/8, 2 procs"), ("pil_pool", "bare Pillow pool")]
-        sets.append(("256", "12 MP JPEG → 256 px only, JPEG q80", methods, refs))
-
+    plan = plan_sets(args.sets)
     facts = h.machine_facts()
-    results, blocks, all_summaries, names = [], [], [], {}
-    for set_name, title, methods, refs in sets:
+    results = []
+    for set_name, _title, methods, _refs in plan:
         runnable = [m for m in methods if m.key not in pending]
         h.log(f"set {set_name}: {', '.join(m.key for m in runnable)}; {args.reps} reps")
-        res = h.run_set(f"thumbs-{set_name}", runnable, files, corpus, args.reps, gate)
-        results.append(res)
-        summaries = h.summarize(res, runnable, [k for k, _ in refs])
-        all_summaries.append(summaries)
-        names.update({m.key: m.label.replace("**", "") for m in methods})
-        names.update(dict(refs))
-        heading = f"### {title} ({len(files)} files, {args.reps} reps)"
-        blocks.append(render_set(heading, methods, summaries, refs, pending))
-    names.update({"photoscand": "photoscand end to end", "photoscand_256": "photoscand 256 px"})
-    blocks.append(render_targets(all_summaries, names))
-    if args.sets in ("all", "both"):
-        blocks.append(render_breakdown(all_summaries[0]))
-    notes = [
-        "Ratios are speed ratios: the method's files/s divided by the reference's in the same "
-        "rep, median over reps (above 1 = faster than the reference).",
-        "Foreign load: " + h.gating_outcome(results) + ".",
-    ]
-    blocks.append(h.facts_markdown(facts, args.reps, notes))
-    body = "\n\n".join(blocks)
+        results.append(h.run_set(f"thumbs-{set_name}", runnable, files, corpus, args.reps, gate))
+    body = report(plan, results, facts, pending, args.reps)
     raw = h.save_raw(
         "thumbnails", {"args": vars(args), "facts": facts, "sets": results, "pending": pending}
     )
