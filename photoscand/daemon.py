@@ -18,6 +18,7 @@ import contextlib
 import errno
 import fcntl
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import queue
 import signal
@@ -25,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import wait
+from multiprocessing.context import BaseContext
 from typing import Any, TextIO
 
 from prometheus_client import generate_latest
@@ -96,6 +98,22 @@ class CatalogLock:
     def release(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._fd)
+
+
+def start_fork_server() -> BaseContext:
+    """Start the fork server that every child comes from, and return its context.
+
+    Children come from a fork server, not from this process: the daemon has threads,
+    and forking it could copy a lock some thread holds. The server imports the worker
+    code (Pillow, exifread, ...) once, so a replaced worker starts in milliseconds; it
+    is started first so those imports overlap the daemon's own start-up.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(
+        ["photoscand.worker", "photoscand.metadata", "photoscand.converters"]
+    )
+    multiprocessing.forkserver.ensure_running()
+    return ctx
 
 
 def worker_settings(config: Config) -> WorkerSettings:
@@ -236,18 +254,13 @@ class Daemon:
     def _run(self) -> int:
         config = self.config
         self._install_signals()
+        ctx = start_fork_server()
         self.catalog = Catalog(config.catalog.path)
         returned = self.catalog.reset_converting()
         if returned:
             self.log.info("conversions interrupted by the last stop go back to pending",
                           count=returned)  # fmt: skip
         self._start_metrics()
-        ctx = multiprocessing.get_context("forkserver")
-        # Import the worker code (Pillow, exifread, ...) once in the fork server, so a
-        # replaced worker starts in milliseconds.
-        ctx.set_forkserver_preload(
-            ["photoscand.worker", "photoscand.metadata", "photoscand.converters"]
-        )
         self.supervisor = Supervisor(
             self.catalog,
             ctx,
