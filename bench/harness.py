@@ -876,7 +876,8 @@ def gating_outcome(results: Sequence[SetResult]) -> str:
     loads = [r.m.foreign for r in recs]
     return (
         f"{len(recs)} runs kept; threshold {100 * gate.threshold:g} % of {NCPU} CPUs; "
-        f"{redos} redone for foreign load; {noisy} kept flagged noisy after {gate.max_redo} redos; "
+        f"{redos} redone for foreign load (up to {gate.max_redo} times each); "
+        f"{noisy} kept with the noisy flag; "
         f"{unquiet} started without a quiet machine ({gate.quiet_deadline:g} s deadline); "
         f"foreign load per kept run median {100 * median(loads):.1f} %, "
         f"max {100 * max(loads):.1f} %"
