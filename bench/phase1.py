@@ -379,7 +379,7 @@ def render_delay(
             [
                 label,
                 MODES[mode],
-                f"{len(d)}" + (f" ({noisy} noisy runs)" if noisy else ""),
+                f"{len(d)}" + (f" ({noisy} of {len(ok)} runs noisy)" if noisy else ""),
                 h.fmt(h.median(d)),
                 h.fmt(h.percentile(d, 90)),
                 h.fmt(p99),
@@ -428,8 +428,23 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="update docs/benchmarks.md (default: yes, except with --quick)",
     )
+    ap.add_argument(
+        "--rerender",
+        metavar="RAW_JSON",
+        help="run nothing: render the tables again from a bench/out/phase1-*.json",
+    )
     h.add_gate_args(ap)
     args = ap.parse_args(argv)
+    if args.rerender:
+        payload = json.loads(Path(args.rerender).read_text())
+        res = h.load_set(payload["throughput"])
+        records = [DelayRecord(**d) for d in payload["delay"]]
+        body = report(res, records, payload["facts"], payload["pending"], payload["args"])
+        print(body)
+        if args.doc if args.doc is not None else not payload["args"]["quick"]:
+            h.write_section(SECTION, body)
+            h.log(f"updated the {SECTION} section of {h.DOC}")
+        return 0
     if args.quick:
         args.files, args.reps, args.delay_files, args.delay_reps = 100, 1, 40, 1
         args.rate = max(args.rate, 20.0)
@@ -450,24 +465,15 @@ def main(argv: list[str] | None = None) -> int:
         pending["photoscand"] = "daemon not ready"
 
     facts = h.machine_facts()
-    methods = [photoscand_phase1_method(), y.exifread_loop_method(), y.exiftool_method()]
+    methods = throughput_methods()
     runnable = [m for m in methods if m.key not in pending]
     # Phase 1 reads headers only, so warming the 150 source files warms every link.
     res = h.run_set("phase1", runnable, files, folder, args.reps, gate, warm=sources)
-    summaries = h.summarize(res, runnable, ["exifread_loop", "exiftool"])
-    blocks = [render_throughput(methods, summaries, pending, len(files), args.reps)]
 
     records: list[DelayRecord] = []
     if not args.skip_delay:
-        plan = [
-            ("photoscand", "**photoscand run**", "close"),
-            ("photoscand", "**photoscand run**", "rename"),
-            ("photoscand", "**photoscand run**", "movein"),
-            ("reference", "bare watchdog → exifread → SQLite commit per row", "close"),
-            ("reference", "bare watchdog → exifread → SQLite commit per row", "rename"),
-        ]
         factories = {"photoscand": photoscand_delay_watcher, "reference": reference_delay_watcher}
-        runnable_plan = [p for p in plan if p[0] not in pending]
+        runnable_plan = [p for p in DELAY_PLAN if p[0] not in pending]
         with h.temp_dir("delay-lists-") as lists:
             list_file = lists / "sources.list"
             list_file.write_text("".join(f"{p}\n" for p in sources))
@@ -496,22 +502,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{h.percentile(rec.delays_ms, 99):.1f} ms, unseen {rec.unseen}, "
                             f"foreign {100 * rec.foreign:.1f} %"
                         )
-        blocks.append(render_delay(plan, records, pending, args.rate, args.settle))
 
-    notes = [
-        "Ratios are speed ratios: files/s divided by the reference's in the same rep, median "
-        "over reps (above 1 = faster). Every method is timed as a whole process, start-up "
-        "included (cold start).",
-        "Foreign load (throughput runs): " + h.gating_outcome([res]) + ".",
-    ]
-    if records:
-        noisy = sum(r.noisy for r in records)
-        notes.append(
-            f"Foreign load (delay runs): {len(records)} runs kept, {noisy} flagged noisy, "
-            f"{sum(r.attempts - 1 for r in records)} redone."
-        )
-    blocks.append(h.facts_markdown(facts, args.reps, notes))
-    body = "\n\n".join(blocks)
+    body = report(res, records, facts, pending, vars(args))
     raw = h.save_raw(
         "phase1",
         {
@@ -528,6 +520,46 @@ def main(argv: list[str] | None = None) -> int:
         h.write_section(SECTION, body)
         h.log(f"updated the {SECTION} section of {h.DOC}")
     return 0
+
+
+def throughput_methods() -> list[h.Method]:
+    return [photoscand_phase1_method(), y.exifread_loop_method(), y.exiftool_method()]
+
+
+DELAY_PLAN = [
+    ("photoscand", "**photoscand run**", "close"),
+    ("photoscand", "**photoscand run**", "rename"),
+    ("photoscand", "**photoscand run**", "movein"),
+    ("reference", "bare watchdog → exifread → SQLite commit per row", "close"),
+    ("reference", "bare watchdog → exifread → SQLite commit per row", "rename"),
+]
+
+
+def report(
+    res: h.SetResult, records: list[DelayRecord], facts: dict, pending: dict[str, str], args: dict
+) -> str:
+    """The markdown section: throughput table and targets, delay table, facts."""
+    methods = throughput_methods()
+    runnable = [m for m in methods if m.key not in pending]
+    summaries = h.summarize(res, runnable, ["exifread_loop", "exiftool"])
+    blocks = [render_throughput(methods, summaries, pending, res.files, res.reps)]
+    if not args["skip_delay"]:
+        blocks.append(render_delay(DELAY_PLAN, records, pending, args["rate"], args["settle"]))
+    notes = [
+        "Ratios are speed ratios: files/s divided by the reference's in the same rep, median "
+        "over reps (above 1 = faster). Every method is timed as a whole process, start-up "
+        "included (cold start).",
+        "Foreign load (throughput runs): " + h.gating_outcome([res]) + ". Noisy runs are left "
+        f"out of medians and ratios when at least {h.min_clean_runs(res.reps)} clean ones exist.",
+    ]
+    if records:
+        noisy = sum(r.noisy for r in records)
+        notes.append(
+            f"Foreign load (delay runs): {len(records)} runs kept, {noisy} flagged noisy "
+            f"(their delays are included), {sum(r.attempts - 1 for r in records)} redone."
+        )
+    blocks.append(h.facts_markdown(facts, res.reps, notes))
+    return "\n\n".join(blocks)
 
 
 def _photoscand_broken() -> bool:
