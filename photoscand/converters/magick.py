@@ -81,6 +81,10 @@ _UNSUPPORTED = (
 _TIMEOUT = ("time limit exceeded",)
 _TEMP_COPY = re.compile(r"/\S*magick-[\w-]+:\s*")
 _DISK_FULL = ("out of disk space", "no space left on device", "disk quota exceeded")
+# ImageMagick's words when writing its output failed; often without the errno's text.
+_WRITE_FAILED = ("unable to write file", "unable to flush")
+# Less free space than this in the thumbnail folder after a failed write means it is full.
+_NEARLY_FULL_BYTES = 1 << 20
 
 
 @functools.lru_cache(maxsize=1)
@@ -311,6 +315,13 @@ def error_for(returncode: int, stderr: str, folder: str = "") -> ConversionError
     summary = _summary(stderr) or f"no picture could be read (exit status {returncode})"
     if any(word in lowered for word in _DISK_FULL):
         return ConversionError(outcomes.DISK_FULL, f"no space left in thumbnail folder {folder}")
+    if folder and (
+        any(word in lowered for word in _WRITE_FAILED)
+        or ("unable to open image" in lowered and folder in stderr)
+    ):
+        # A full disk often shows only as "unable to write file": the folder's problem,
+        # never the image's (it must not fail as corrupt).
+        return _write_failed(folder, summary)
     if returncode < 0:
         return ConversionError(
             outcomes.CRASHED, f"ImageMagick died of signal {-returncode}: {summary}"
@@ -324,6 +335,17 @@ def error_for(returncode: int, stderr: str, folder: str = "") -> ConversionError
     if any(word in lowered for word in _TRUNCATED):
         return ConversionError(outcomes.TRUNCATED, f"ImageMagick: {summary}")
     return ConversionError(outcomes.CORRUPT, f"ImageMagick: {summary}")
+
+
+def _write_failed(folder: str, summary: str) -> ConversionError:
+    try:
+        st = os.statvfs(folder)
+        full = st.f_bavail * st.f_frsize < _NEARLY_FULL_BYTES
+    except OSError:
+        full = False
+    if full:
+        return ConversionError(outcomes.DISK_FULL, f"no space left in thumbnail folder {folder}")
+    return ConversionError(outcomes.IO_ERROR, f"writing to thumbnail folder {folder}: {summary}")
 
 
 def _summary(stderr: str) -> str:
