@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import importlib.util
+import json
 import re
 import signal
 import sys
@@ -265,8 +266,9 @@ class Plan:
     key: str
     where: str  # "hdd" (sorted layout), "shuffled" or "ssd"
     base: str  # the key of the same method without the place (to pair HDD with SSD)
-    method: h.Method
+    label: str
     photoscand: bool
+    method: h.Method | None = None  # None when only re-rendering saved results
 
 
 BASES: list[tuple[str, Callable[[bool], h.Method], bool]] = [
@@ -286,29 +288,32 @@ WHERE_LABEL = {
 }
 
 
-def make_plans(corpus: Path, disks: dict[str, Disk], bases: list[str], profile: bool) -> list[Plan]:
+def make_plans(
+    bases: list[str], layouts: list[str], corpus: Path | None = None, disks: dict | None = None
+) -> list[Plan]:
     """Every method on every disk, each method's places next to each other.
 
     The harness runs them in this order (rotated each rep), so the runs that a ratio pairs
     (a method on the simulated disk and on the SSD) follow each other and see the same
-    machine.
+    machine. Without `disks` (re-rendering saved results) the plans carry no method.
     """
     plans = []
     for base, factory, is_scan in BASES:
         if base not in bases:
             continue
         for where in ("hdd", "ssd", "shuffled"):
-            if where != "ssd" and where not in disks:
+            if where != "ssd" and where not in layouts:
                 continue
             if where == "shuffled" and base not in SHUFFLED_BASES:
                 continue
-            disk = disks.get(where)
-            folder = disk.mountpoint if disk is not None else corpus
-            inner = factory(profile)
-            method = on_folder(inner, folder, disk)
-            key = f"{where}_{base}"
-            method = dataclasses.replace(method, key=key, label=inner.label)
-            plans.append(Plan(key, where, base, method, is_scan))
+            inner = factory(False)
+            plan = Plan(f"{where}_{base}", where, base, inner.label, is_scan)
+            if disks is not None and corpus is not None:
+                disk = disks.get(where)
+                folder = disk.mountpoint if disk is not None else corpus
+                method = on_folder(factory(True), folder, disk)
+                plan.method = dataclasses.replace(method, key=plan.key, label=plan.label)
+            plans.append(plan)
     return plans
 
 
@@ -349,7 +354,7 @@ def render_table(
             s = summaries.get(plan.key)
             if s is None or s.runs == 0:
                 why = (s.error if s else None) or "no run"
-                rows.append([plan.method.label, f"failed ({why})", *[""] * (len(headers) - 2)])
+                rows.append([plan.label, f"failed ({why})", *[""] * (len(headers) - 2)])
                 continue
             ssd_ratio = s.ratios.get(f"ssd_{plan.base}", float("nan")) if where != "ssd" else None
             direct = s.ratios.get(f"{where}_direct2", float("nan"))
@@ -359,7 +364,7 @@ def render_table(
             noisy = f" ({s.noisy_runs} noisy)" if s.noisy_runs else ""
             rows.append(
                 [
-                    plan.method.label,
+                    plan.label,
                     h.fmt(s.files_per_s) + noisy,
                     f"{h.fmt(s.files_per_s_min)}–{h.fmt(s.files_per_s_max)}",
                     "" if ssd_ratio is None else h.fmt(ssd_ratio, 2),
@@ -456,7 +461,7 @@ def render_profile(plans: list[Plan], summaries: dict[str, h.Summary], files: in
         rate = read_b / read_s / 1e6 if read_s == read_s and read_s > 0 else float("nan")
         rows.append(
             [
-                f"{plan.method.label.replace('**', '')} — {WHERE_LABEL[plan.where]}",
+                f"{plan.label.replace('**', '')} — {WHERE_LABEL[plan.where]}",
                 h.fmt(_median_extra(s, "metrics", "worker_wait_s"), 2),
                 h.fmt(_median_extra(s, "metrics", "worker_busy_s"), 2),
                 h.fmt(1000 * per_file(s, files, "metrics", "worker_read_s"), 1),
@@ -474,12 +479,11 @@ def render_profile(plans: list[Plan], summaries: dict[str, h.Summary], files: in
 
 
 def render_notes(
-    disks: dict[str, Disk], files: list[Path], corpus: Path, summaries: dict[str, h.Summary]
+    model: dict[str, Any], sizes: list[int], summaries: dict[str, h.Summary]
 ) -> list[str]:
-    total = sum(p.stat().st_size for p in files)
-    model = next(iter(disks.values())).model if disks else {}
+    total = sum(sizes)
     sim_cpu = [
-        e["disk"]["sim_cpu"] / len(files) * 1000
+        e["disk"]["sim_cpu"] / len(sizes) * 1000
         for s in summaries.values()
         for e in s.extra
         if "disk" in e
@@ -488,7 +492,7 @@ def render_notes(
         e["disk"]["late_requests"] for s in summaries.values() for e in s.extra if "disk" in e
     )
     notes = [
-        f"Photos: {len(files)} 12 MP JPEGs (q90) of the perf corpus, {total / len(files) / 1e6:.2f}"
+        f"Photos: {len(sizes)} 12 MP JPEGs (q90) of the perf corpus, {total / len(sizes) / 1e6:.2f}"
         f" MB on average, {total / 1e6:.0f} MB in all; thumbnails {SIZES[0]} and {SIZES[1]} px "
         "(photoscand's default sizes), JPEG q80. Each run: fresh config, catalog and thumbnail "
         "folder; the page cache of the SSD copy is warm.",
@@ -583,8 +587,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="update docs/benchmarks.md (default: yes, except with --quick)",
     )
+    ap.add_argument(
+        "--rerender",
+        metavar="RAW_JSON",
+        type=Path,
+        help="run nothing: render the section again from a bench/out/hdd-*.json",
+    )
     h.add_gate_args(ap)
     args = ap.parse_args(argv)
+    if args.rerender:
+        return rerender(args.rerender, args.doc)
     if args.quick:
         args.files, args.reps = min(args.files, 20), 1
     write_doc = args.doc if args.doc is not None else not args.quick
@@ -607,7 +619,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, bases: list[str], gate: h.Gate, write_doc: bool) -> int:
     hddsim = _load_hddsim()
-
     corpus = h.subset_folder(h.perf_corpus(count=max(150, args.files)), args.files)
     files = h.photos_in(corpus)
     h.log(f"{len(files)} photos in {corpus}")
@@ -615,33 +626,79 @@ def run(args: argparse.Namespace, bases: list[str], gate: h.Gate, write_doc: boo
     model = dataclasses.asdict(hddsim.DiskModel())
     facts = h.machine_facts()
     with simulated_disks(hddsim, corpus, layouts, model) as disks:
-        plans = make_plans(corpus, disks, bases, args.profile)
-        methods = [p.method for p in plans]
+        plans = make_plans(bases, layouts, corpus, disks)
+        methods = [p.method for p in plans if p.method is not None]
         h.log(f"{len(methods)} methods, {args.reps} reps: {', '.join(p.key for p in plans)}")
         result = h.run_set("hdd", methods, files, corpus, args.reps, gate, warm=files)
-    refs = [p.key for p in plans if p.where == "ssd"]
-    refs += [f"{w}_{b}" for w in ("hdd", "shuffled") for b in ("direct2", "direct4")]
-    summaries = h.summarize(result, methods, refs)
-    table, ratios = render_table(plans, summaries, len(files))
-    heading = (
-        f"### 12 MP JPEG → {SIZES[0]} + {SIZES[1]} px on a simulated 7200 rpm disk and on the SSD "
-        f"({len(files)} files, {args.reps} reps)"
-    )
-    blocks = [heading, table, render_targets(ratios)]
-    profile = render_profile(plans, summaries, len(files))
-    if profile:
-        blocks.append(profile)
-    notes = render_notes(disks, files, corpus, summaries)
-    notes.append("Foreign load: " + h.gating_outcome([result]) + ".")
-    blocks.append(h.facts_markdown(facts, args.reps, notes))
-    body = "\n\n".join(blocks)
-    raw = h.save_raw("hdd", {"args": vars(args), "facts": facts, "set": result, "model": model})
+    sizes = [p.stat().st_size for p in files]
+    payload = {"args": vars(args), "facts": facts, "set": result, "model": model, "sizes": sizes}
+    raw = h.save_raw("hdd", payload)
+    body = report(plans, result, facts, model, sizes, args.reps)
     print(body)
     h.log(f"raw results: {raw}")
     if write_doc:
         h.write_section(SECTION, body)
         h.log(f"updated the {SECTION} section of {h.DOC}")
     return 0
+
+
+def rerender(raw: Path, doc: bool | None) -> int:
+    """Render the section again from a bench/out/hdd-*.json, running nothing."""
+    payload = json.loads(raw.read_text())
+    saved = payload["args"]
+    layouts = ["hdd", "shuffled"] if saved["shuffled"] else ["hdd"]
+    bases = [b for b in saved["methods"].split(",") if b]
+    plans = [
+        p
+        for p in make_plans(bases, layouts)
+        if p.key in {r["method"] for r in payload["set"]["records"]}
+    ]
+    sizes = payload.get("sizes") or [
+        p.stat().st_size
+        for p in h.photos_in(
+            h.subset_folder(h.perf_corpus(max(150, saved["files"])), saved["files"])
+        )
+    ]
+    result = h.load_set(payload["set"])
+    body = report(plans, result, payload["facts"], payload["model"], sizes, saved["reps"])
+    print(body)
+    if doc if doc is not None else not saved["quick"]:
+        h.write_section(SECTION, body)
+        h.log(f"updated the {SECTION} section of {h.DOC}")
+    return 0
+
+
+def report(
+    plans: list[Plan],
+    result: h.SetResult,
+    facts: dict[str, str],
+    model: dict[str, Any],
+    sizes: list[int],
+    reps: int,
+) -> str:
+    """The markdown section: the table, the targets, where photoscand waits, the facts."""
+    refs = [p.key for p in plans if p.where == "ssd"]
+    refs += [f"{w}_{b}" for w in ("hdd", "shuffled") for b in ("direct2", "direct4")]
+    keyed = [h.Method(p.key, p.label, lambda _ctx: None) for p in plans]
+    summaries = h.summarize(result, keyed, refs)
+    table, ratios = render_table(plans, summaries, len(sizes))
+    heading = (
+        f"### 12 MP JPEG → {SIZES[0]} + {SIZES[1]} px on a simulated 7200 rpm disk and on the SSD "
+        f"({len(sizes)} files, {reps} reps)"
+    )
+    usage = (
+        "`.venv/bin/python bench/hdd.py` (150 files, 5 reps; `--quick`: 20 files, 1 rep; "
+        "`--no-shuffled`, `--methods`, `--rerender RAW_JSON`). It mounts the simulated disk "
+        "with FUSE (fuse3 and libfuse2, as root); docs/prefetch.md explains the mode."
+    )
+    blocks = [heading, usage, table, render_targets(ratios)]
+    profile = render_profile(plans, summaries, len(sizes))
+    if profile:
+        blocks.append(profile)
+    notes = render_notes(model, sizes, summaries)
+    notes.append("Foreign load: " + h.gating_outcome([result]) + ".")
+    blocks.append(h.facts_markdown(facts, reps, notes))
+    return "\n\n".join(blocks)
 
 
 if __name__ == "__main__":
