@@ -98,6 +98,20 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 
 
+_UPSERT_COLUMNS = ("path", "display_path", "size", "mtime_ns", "dev", "ino", "status",
+                   "attempts", "retry_at", "queued_at", "error", "content_hash", "converted_at",
+                   "reconvert", "discovered_at", *META_COLUMNS)  # fmt: skip
+# A known path keeps its id and discovered_at; everything else starts over.
+_UPSERT = (
+    f"INSERT INTO images ({', '.join(_UPSERT_COLUMNS)})"
+    f" VALUES ({', '.join('?' * len(_UPSERT_COLUMNS))}) ON CONFLICT(path) DO UPDATE SET "
+    + ", ".join(
+        f"{c} = excluded.{c}" for c in _UPSERT_COLUMNS if c not in ("path", "discovered_at")
+    )
+    + " RETURNING id"
+)
+
+
 class CatalogError(Exception):
     """The catalog cannot be opened or used (corrupt, newer schema, not a catalog)."""
 
@@ -387,36 +401,40 @@ class Catalog:
         ).fetchone()
         return Known(*row[:7], bool(row[7])) if row else None
 
-    def same_inode(self, dev: int, ino: int, size: int, mtime_ns: int) -> list[Known]:
-        """Rows whose file had this identity (candidates for a move while we were away)."""
+    def same_inode(
+        self, dev: int, ino: int, size: int, mtime_ns: int, limit: int = 64
+    ) -> list[Known]:
+        """Rows whose file had this identity (candidates for a move while we were away);
+        missing rows first."""
         rows = self._conn.execute(
             "SELECT id, path, size, mtime_ns, dev, ino, status FROM images"
-            " WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ?",
-            (dev, ino, size, mtime_ns),
+            " WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ?"
+            " ORDER BY status = 'missing' DESC LIMIT ?",
+            (dev, ino, size, mtime_ns, limit),
         ).fetchall()
         return [Known(*row) for row in rows]
 
-    def add_image(self, st: FileStat, meta: Mapping[str, Any], now: float) -> int | None:
-        """Insert a new photo as ``pending`` (or refresh the row if the path is known)."""
-        return self._write(self._op_upsert, st, dict(meta), now)
+    def count_inode(self, dev: int, ino: int, size: int, mtime_ns: int) -> int:
+        """How many rows name a file with this identity (hard links are one row each)."""
+        return self._conn.execute(
+            "SELECT count(*) FROM images WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ?",
+            (dev, ino, size, mtime_ns),
+        ).fetchone()[0]
 
-    def _op_upsert(self, st: FileStat, meta: dict[str, Any], now: float) -> int:
-        columns = ["path", "display_path", "size", "mtime_ns", "dev", "ino", "status",
-                   "attempts", "retry_at", "queued_at", "error", "content_hash",
-                   "converted_at", "discovered_at", *META_COLUMNS]  # fmt: skip
+    def add_image(
+        self, st: FileStat, meta: Mapping[str, Any], now: float, *, known: bool = False
+    ) -> int | None:
+        """Insert a new photo as ``pending``, or start a known path's row over (``known``:
+        the file changed; its old thumbnails no longer describe it)."""
+        return self._write(self._op_upsert, st, dict(meta), now, known)
+
+    def _op_upsert(self, st: FileStat, meta: dict[str, Any], now: float, known: bool) -> int:
         values = [st.path, display_of(st.path), st.size, st.mtime_ns, st.dev, st.ino, "pending",
-                  0, None, now, None, None, None, utc_now_iso(now),
-                  *(meta.get(c) for c in META_COLUMNS)]  # fmt: skip
-        # A known path keeps its id and discovered_at; everything else starts over.
-        kept = ("path", "discovered_at")
-        update = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in kept)
-        row = self._conn.execute(
-            f"INSERT INTO images ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-            f" ON CONFLICT(path) DO UPDATE SET {update} RETURNING id",
-            values,
-        ).fetchone()
-        image_id = int(row[0])
-        self._conn.execute("DELETE FROM thumbnails WHERE image_id = ?", (image_id,))
+                  0, None, now, None, None, None, 0, utc_now_iso(now),
+                  *[meta.get(c) for c in META_COLUMNS]]  # fmt: skip
+        image_id = int(self._conn.execute(_UPSERT, values).fetchone()[0])
+        if known:
+            self._conn.execute("DELETE FROM thumbnails WHERE image_id = ?", (image_id,))
         return image_id
 
     def update_metadata(self, image_id: int, meta: Mapping[str, Any]) -> None:

@@ -23,7 +23,7 @@ from multiprocessing.context import BaseContext
 from typing import Any
 
 from photoscand import formats, outcomes
-from photoscand.catalog import Catalog, FileStat
+from photoscand.catalog import Catalog, FileStat, Known
 from photoscand.log import display_path, get_logger
 from photoscand.metadata import physical_offset
 from photoscand.metrics import Metrics
@@ -258,15 +258,35 @@ class Ingest:
             candidate.known_id = known.id
             return True
         # A new path: a file moved while we were not watching keeps its row.
-        for old in self.catalog.same_inode(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
-            if old.status == "missing" or not os.path.lexists(old.path):
-                self.catalog.move_to(old.id, FileStat.of(path, st))
-                self.log.info(
-                    "file moved", path=display_path(path), was=display_path(old.path), id=old.id
-                )
-                self._row_written(candidate, "moved")
-                return False
+        old = self._moved_from(st)
+        if old is not None:
+            self.catalog.move_to(old.id, FileStat.of(path, st))
+            self.log.info(
+                "file moved", path=display_path(path), was=display_path(old.path), id=old.id
+            )
+            self._row_written(candidate, "moved")
+            return False
         return True
+
+    def _moved_from(self, st: os.stat_result) -> Known | None:
+        """The row this new path's file had under an old path, if any.
+
+        With one link, no other path names this inode, so any row that had it is stale.
+        With hard links, the other links' rows are not moves: only a row whose path is
+        gone is, and there can be one only when the inode has as many rows as links.
+        """
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        first = self.catalog.same_inode(*identity, limit=1)
+        if not first:
+            return None
+        if first[0].status == "missing" or st.st_nlink == 1:
+            return first[0]
+        if self.catalog.count_inode(*identity) < st.st_nlink:
+            return None  # this path is another link, not a move
+        for old in self.catalog.same_inode(*identity, limit=st.st_nlink + 1):
+            if not os.path.lexists(old.path):
+                return old
+        return None
 
     def tick(self, now: float) -> None:
         """Settle checks, parser timeouts and restarts, and feeding the parser."""
@@ -401,7 +421,7 @@ class Ingest:
 
     def _write_row(self, candidate: _Candidate, st: FileStat, columns: dict[str, Any]) -> None:
         now = time.time()
-        self.catalog.add_image(st, columns, now)
+        self.catalog.add_image(st, columns, now, known=candidate.known_id is not None)
         action = "changed" if candidate.known_id is not None else "new"
         self._row_written(candidate, action)
         if columns.get("metadata_error"):

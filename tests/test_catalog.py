@@ -92,7 +92,7 @@ def test_upsert_is_idempotent_and_a_change_requeues(catalog: Catalog) -> None:
     catalog.record_done(job.id, "ab" * 32, [(256, "/t/x-256.jpg", 256, 192)], now)
     catalog.commit()
     assert catalog.counts()["done"] == 1
-    changed = catalog.add_image(stat_of(b"/p/a.jpg", size=999), META, now)
+    changed = catalog.add_image(stat_of(b"/p/a.jpg", size=999), META, now, known=True)
     catalog.commit()
     assert changed == first
     row = catalog.query("SELECT status, content_hash, size FROM images WHERE id = ?", (first,))
