@@ -209,3 +209,30 @@ def test_the_periodic_walk_catches_a_change_no_event_announced(daemon_factory) -
     row = daemon.wait_row(target, status="failed")
     assert row[2].startswith("truncated")
     assert daemon.stop() == 0
+
+
+def test_moves_while_stopped_keep_their_rows_and_hard_links_are_rows_of_their_own(
+    daemon_factory,
+) -> None:
+    daemon = daemon_factory()
+    photos = daemon.photos
+    shutil.copy(SAMPLES[0], photos / "single.jpg")
+    shutil.copy(SAMPLES[1], photos / "linked.jpg")
+    os.link(photos / "linked.jpg", photos / "link-2.jpg")
+    daemon.start().wait_ready()
+    for name in ("single.jpg", "linked.jpg", "link-2.jpg"):
+        daemon.wait_row(photos / name)
+    ids = {p: r[0] for p, r in daemon.rows().items()}
+    assert len(set(ids.values())) == 3  # hard links are two rows
+    assert daemon.stop() == 0
+    (photos / "2026").mkdir()
+    os.rename(photos / "single.jpg", photos / "2026" / "single.jpg")
+    os.rename(photos / "link-2.jpg", photos / "2026" / "link-2.jpg")
+    daemon.start().wait_ready()
+    moved = daemon.wait_row(photos / "2026" / "single.jpg")
+    moved_link = daemon.wait_row(photos / "2026" / "link-2.jpg")
+    assert moved[0] == ids[os.fsencode(str(photos / "single.jpg"))]
+    assert moved_link[0] == ids[os.fsencode(str(photos / "link-2.jpg"))]
+    assert daemon.row(photos / "linked.jpg")[0] == ids[os.fsencode(str(photos / "linked.jpg"))]
+    assert len(daemon.rows()) == 3
+    assert daemon.stop() == 0
