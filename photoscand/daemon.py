@@ -738,6 +738,7 @@ class Daemon:
                 ("catalog.path", old.catalog.path, new.catalog.path),
                 ("metrics.listen", old.metrics.listen, new.metrics.listen),
                 ("io.mode", old.io.mode, new.io.mode),
+                ("io.prefetch_window_mb", old.io.prefetch_window_mb, new.io.prefetch_window_mb),
                 ("watch.polling", old.watch.polling, new.watch.polling),
             )
             if before != after
