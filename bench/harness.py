@@ -715,7 +715,7 @@ def _run_one(
             if m.timed_out:
                 error = f"timed out after {inv.timeout:.0f} s"
             elif m.returncode not in method.ok_returncodes:
-                error = f"exit code {m.returncode}: {_last_lines(m.stderr_tail)}"
+                error = f"exit code {m.returncode}: {last_lines(m.stderr_tail)}"
             elif method.check_every_run is not None:
                 error = method.check_every_run(ctx, m)
             if error is None and full_check and method.check is not None:
@@ -740,7 +740,7 @@ def _run_one(
             )
 
 
-def _last_lines(text: str, n: int = 3) -> str:
+def last_lines(text: str, n: int = 3) -> str:
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return " | ".join(lines[-n:])[-400:] or "(no stderr)"
 

@@ -236,7 +236,7 @@ def _delay_once(method, factory, mode, rep, list_file, rate, count, settle, gate
                     start_new_session=True,
                 )
             if not notify.wait_ready(60):
-                rec.error = "no READY=1 within 60 s: " + h._last_lines(
+                rec.error = "no READY=1 within 60 s: " + h.last_lines(
                     (run_dir / "watcher.log").read_text(errors="replace")
                 )
                 return rec

@@ -119,7 +119,7 @@ def probe_photoscand(corpus: Path, sizes: tuple[int, ...]) -> str | None:
         if m.timed_out:
             return "a scan of 2 photos did not finish in 120 s"
         if m.returncode != 0:
-            return f"exit code {m.returncode}: {h._last_lines(m.stderr_tail, 2)}"
+            return f"exit code {m.returncode}: {h.last_lines(m.stderr_tail, 2)}"
         return method.check_every_run(ctx, m) or method.check(ctx, m)
 
 
