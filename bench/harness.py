@@ -847,6 +847,12 @@ def noisy_note(s: Summary) -> str:
     return f" ({s.noisy_runs} noisy {verb})"
 
 
+def leftover_note(s: Summary) -> str:
+    """Flags a method whose runs left processes behind (they were killed after the run)."""
+    n = sum(1 for e in s.extra if e.get("leftover_processes"))
+    return f" (left processes behind in {n} runs)" if n else ""
+
+
 def load_set(d: dict) -> SetResult:
     """A SetResult back from the JSON that save_raw wrote, to re-render a table from it."""
     # Files written before a field existed get its neutral value.

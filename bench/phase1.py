@@ -348,7 +348,7 @@ def render_throughput(methods, summaries, pending: dict[str, str], n: int, reps:
             continue
         rows.append(
             [
-                m.label,
+                m.label + h.leftover_note(s),
                 h.fmt(s.files_per_s) + h.noisy_note(s),
                 f"{h.fmt(s.files_per_s_min)}–{h.fmt(s.files_per_s_max)}",
                 h.fmt(s.cpu_ms_per_file, 2),

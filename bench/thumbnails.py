@@ -144,7 +144,7 @@ def render_set(
             continue
         rows.append(
             [
-                method.label,
+                method.label + h.leftover_note(s),
                 h.fmt(s.files_per_s) + h.noisy_note(s),
                 f"{h.fmt(s.files_per_s_min)}–{h.fmt(s.files_per_s_max)}",
                 h.fmt(s.cpu_ms_per_file),
