@@ -18,10 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from photoscand import __version__
-from photoscand import log as log_module
 from photoscand.catalog import Catalog, CatalogError
+from photoscand.children import start_fork_server
 from photoscand.config import Config, ConfigError, describe, load_config
-from photoscand.daemon import EXIT_LOCKED, EXIT_USAGE, CatalogLocked, Daemon, progress_line
 from photoscand.outcomes import split_error
 
 
@@ -85,6 +84,11 @@ def _error(message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("run", "scan"):
+        # The fork server imports the worker code while this process imports the daemon.
+        start_fork_server()
+    from photoscand.daemon import EXIT_LOCKED, EXIT_USAGE, CatalogLocked
+
     try:
         if args.command in ("run", "scan"):
             return _run(args)
@@ -107,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from photoscand import log as log_module
+    from photoscand.daemon import Daemon
+
     config = _load(args)
     log_module.configure(config.logging.level, config.logging.format)
     progress = None
@@ -153,6 +160,8 @@ def status_data(catalog: Catalog, roots: Sequence[str], failures: int) -> dict[s
     docs/operations.md): counts per state (photoscand_images), phase 2 progress, the
     conversion rate over 5 minutes, the oldest waiting image and failed rows by reason.
     """
+    from photoscand.daemon import progress_line
+
     counts = catalog.counts()
     now = time.time()
     rates = catalog.converted_since(
@@ -186,6 +195,8 @@ def status_data(catalog: Catalog, roots: Sequence[str], failures: int) -> dict[s
 
 
 def _status(args: argparse.Namespace) -> int:
+    from photoscand.daemon import EXIT_USAGE
+
     config = _load(args, check_paths=False)
     if not os.path.exists(config.catalog.path):
         _error(f"no catalog yet at {config.catalog.path} (has `photoscand run` been started?)")

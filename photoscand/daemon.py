@@ -17,9 +17,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import importlib.util
-import multiprocessing
-import multiprocessing.forkserver
 import os
 import queue
 import signal
@@ -27,7 +24,6 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import wait
-from multiprocessing.context import BaseContext
 from typing import Any, TextIO
 
 from prometheus_client import generate_latest
@@ -35,6 +31,7 @@ from prometheus_client import generate_latest
 from photoscand import config as config_module
 from photoscand import log as log_module
 from photoscand.catalog import Catalog
+from photoscand.children import start_fork_server
 from photoscand.config import Config, ConfigError
 from photoscand.ingest import Ingest
 from photoscand.log import display_path, get_logger
@@ -99,29 +96,6 @@ class CatalogLock:
     def release(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._fd)
-
-
-def start_fork_server() -> BaseContext:
-    """Start the fork server that every child comes from, and return its context.
-
-    Children come from a fork server, not from this process: the daemon has threads,
-    and forking it could copy a lock some thread holds. The server imports the worker
-    code (Pillow, exifread, ...) once, so a replaced worker starts in milliseconds; it
-    is started first so those imports overlap the daemon's own start-up.
-    """
-    main = sys.modules.get("__main__")
-    if main is not None and getattr(main, "__spec__", None) is None:
-        # Started as the console script: multiprocessing would run that script again in
-        # every child (importing the whole daemon, ~0.3 s and 30 MB each). Children need
-        # only the preloaded worker code; naming the package's own __main__ tells
-        # multiprocessing there is nothing to re-run.
-        main.__spec__ = importlib.util.find_spec("photoscand.__main__")
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(
-        ["photoscand.worker", "photoscand.metadata", "photoscand.converters"]
-    )
-    multiprocessing.forkserver.ensure_running()
-    return ctx
 
 
 def worker_settings(config: Config) -> WorkerSettings:

@@ -24,11 +24,11 @@ from typing import Any
 
 from photoscand import formats, outcomes
 from photoscand.catalog import Catalog, FileStat, Known
+from photoscand.children import Child, describe_exit
 from photoscand.log import display_path, get_logger
 from photoscand.metadata import physical_offset
 from photoscand.metrics import Metrics
 from photoscand.scanner import relative_parts_ignored
-from photoscand.supervisor import Child, describe_exit
 from photoscand.worker import metadata_main
 
 # Requests kept in flight to the metadata process: enough to hide the pipe's round

@@ -27,17 +27,15 @@ SIGHUP         resize the pool to the new workers.count; new settings apply
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from typing import Any
 
 from photoscand import outcomes
 from photoscand.catalog import Catalog, Job
+from photoscand.children import Child, describe_exit
 from photoscand.log import display_path, get_logger
 from photoscand.metrics import Metrics
 from photoscand.prefetch import Prefetcher
@@ -47,64 +45,6 @@ from photoscand.worker import conversion_main, sweep_main
 DISK_FULL_PROBE_SECONDS = 5.0
 # The start-up sweep of stale temporary thumbnails; past this the workers start anyway.
 SWEEP_TIMEOUT_SECONDS = 60.0
-
-
-class Child:
-    """A child process with a duplex pipe to it (the parent's end is ``conn``)."""
-
-    def __init__(
-        self, ctx: BaseContext, target: Callable[..., None], args: tuple[Any, ...], name: str
-    ) -> None:
-        parent_end, child_end = ctx.Pipe(duplex=True)
-        self.process = ctx.Process(  # type: ignore[attr-defined]
-            target=target, args=(child_end, *args), name=name, daemon=True
-        )
-        self.process.start()
-        # Close our copy of the child's end, or EOF would never reach either side.
-        child_end.close()
-        self.conn: Connection = parent_end
-        self.pid: int = self.process.pid
-        self.sentinel: int = self.process.sentinel
-
-    def alive(self) -> bool:
-        return self.process.is_alive()
-
-    def exitcode(self) -> int | None:
-        self.process.join(timeout=0)
-        return self.process.exitcode
-
-    def kill(self) -> None:
-        with contextlib.suppress(OSError, ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-
-    def close(self, *, graceful: bool) -> None:
-        """Stop the child (politely first when ``graceful``) and reap it."""
-        if graceful and self.alive():
-            with contextlib.suppress(OSError, ValueError):
-                self.conn.send(None)
-            self.process.join(timeout=2)
-        if self.alive():
-            self.kill()
-        self.process.join(timeout=5)
-        with contextlib.suppress(OSError):
-            self.conn.close()
-        with contextlib.suppress(ValueError):
-            self.process.close()
-
-
-def describe_exit(code: int | None) -> str:
-    """A child's exit code in words (negative codes are signals)."""
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        if -code == signal.SIGKILL:
-            return f"killed by {name}: out of memory, or killed by hand"
-        return f"killed by {name}"
-    return f"exit code {code}"
 
 
 @dataclass(slots=True)

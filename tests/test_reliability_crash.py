@@ -134,10 +134,11 @@ def test_kill_9_of_workers_at_random_moments_costs_only_attempts(
     daemon = daemon_factory(
         {"workers": {"count": 2, "max_attempts": 100, "retry_backoff_seconds": 0.05}}
     )
-    photos = distinct_copies(daemon.photos, 300, base=slow_jpeg(tmp_path / "base.jpg"))
+    photos = distinct_copies(daemon.photos, 400, base=slow_jpeg(tmp_path / "base.jpg"))
     daemon.start().wait_ready()
     kills = 0
-    while kills < WORKER_KILLS:
+    # Kill until the batch is nearly through (a faster machine finishes sooner).
+    while kills < WORKER_KILLS and done_count(daemon) < len(photos) - 40:
         time.sleep(rng.uniform(0.05, 0.3))
         pids = wait_for(lambda: len(workers(daemon)) == 2 and workers(daemon), timeout=20,
                         message="two workers")  # fmt: skip
@@ -145,6 +146,7 @@ def test_kill_9_of_workers_at_random_moments_costs_only_attempts(
         os.kill(victim, signal.SIGKILL)
         kills += 1
         wait_for(lambda v=victim: v not in workers(daemon), timeout=10, message="victim reaped")
+    assert kills >= WORKER_KILLS * 2 // 3, f"only {kills} kills landed during the batch"
     assert done_count(daemon) < len(photos), "the batch ended before the last kill"
     daemon.wait_settled(len(photos), timeout=180)
     assert daemon.stop() == 0
@@ -152,13 +154,13 @@ def test_kill_9_of_workers_at_random_moments_costs_only_attempts(
     events = log_events(daemon)
     in_hand = [e for e in events if e.get("event") == "worker died"]
     idle = [e for e in events if e.get("event") == "idle worker died"]
-    assert len(in_hand) + len(idle) == WORKER_KILLS
+    assert len(in_hand) + len(idle) == kills
     attempts = daemon.query("SELECT sum(attempts) FROM images")[0][0]
     # Each kill of a busy worker costs exactly its image one attempt; innocents none.
     assert attempts == len(in_hand)
     runs = conversions_per_run(daemon, [0])
     assert max(runs[0].values()) == 1
-    print(f"\nworker kill -9: {WORKER_KILLS} kills ({len(in_hand)} mid-conversion), "
+    print(f"\nworker kill -9: {kills} kills ({len(in_hand)} mid-conversion), "
           f"{end['rows']} photos done, attempts counted {attempts}")  # fmt: skip
 
 
