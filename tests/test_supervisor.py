@@ -15,7 +15,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import CORPUS, descendants, named_descendants, process_name, wait_for
+from tests.conftest import (
+    CORPUS,
+    descendants,
+    free_port,
+    named_descendants,
+    process_name,
+    scrape,
+    wait_for,
+)
 
 SAMPLES = sorted((CORPUS / "cameras").glob("*.jpg"))
 
@@ -83,18 +91,24 @@ def test_a_killed_worker_costs_its_image_one_attempt_and_nothing_else(daemon_fac
 def test_a_hanging_job_is_killed_at_the_timeout_and_fails_after_max_attempts(
     daemon_factory,
 ) -> None:
+    port = free_port()
     daemon = daemon_factory(
+        # The back-off gives the freezer time to see the replacement worker idle.
         {"workers": {"count": 1, "timeout_seconds": 1.5, "max_attempts": 2,
-                     "retry_backoff_seconds": 0.1}}
+                     "retry_backoff_seconds": 1.0},
+         "metrics": {"listen": f"127.0.0.1:{port}"}}
     )  # fmt: skip
     daemon.start().wait_ready()
 
     # A worker that stops answering (SIGSTOP stands in for a decoder stuck in a loop).
+    # Each worker is frozen once it is ready and idle (the metrics say so): frozen
+    # before it said "ready", it would never be given the image.
     def freeze_workers() -> None:
         seen: set[int] = set()
         while not done.is_set():
-            for pid in workers_of(daemon):
-                if pid not in seen:
+            fresh = [pid for pid in workers_of(daemon) if pid not in seen]
+            if fresh and scrape(port)["photoscand_workers_idle"] == 1:
+                for pid in fresh:
                     seen.add(pid)
                     os.kill(pid, signal.SIGSTOP)
             done.wait(0.02)
@@ -102,6 +116,8 @@ def test_a_hanging_job_is_killed_at_the_timeout_and_fails_after_max_attempts(
     done = threading.Event()
     freezer = threading.Thread(target=freeze_workers, daemon=True)
     freezer.start()
+    wait_for(lambda: len(named_descendants(daemon.proc.pid, "photoscand-work")) == 1
+             and _state(workers_of(daemon)[0]) in ("T", "t"), message="worker frozen")  # fmt: skip
     try:
         shutil.copy(SAMPLES[0], daemon.photos / "hangs.jpg")
         row = daemon.wait_row(daemon.photos / "hangs.jpg", status="failed", timeout=30)
