@@ -46,8 +46,17 @@ def start_fork_server() -> BaseContext:
     return ctx
 
 
+class ChildStartError(Exception):
+    """A child could not be started (the fork server died, or the system is out of
+    processes or memory); the caller tries again later."""
+
+
 class Child:
-    """A child process with a duplex pipe to it (the parent's end is ``conn``)."""
+    """A child process with a duplex pipe to it (the parent's end is ``conn``).
+
+    Raises:
+        ChildStartError: the process could not be started.
+    """
 
     def __init__(
         self, ctx: BaseContext, target: Callable[..., None], args: tuple[Any, ...], name: str
@@ -56,7 +65,15 @@ class Child:
         self.process = ctx.Process(  # type: ignore[attr-defined]
             target=target, args=(child_end, *args), name=name, daemon=True
         )
-        self.process.start()
+        try:
+            # A fork server killed a moment ago still looks alive to multiprocessing
+            # (it is not reaped yet): the request then dies with EOF. The next start
+            # finds it dead and starts a new server.
+            self.process.start()
+        except (OSError, EOFError) as exc:
+            parent_end.close()
+            child_end.close()
+            raise ChildStartError(f"cannot start {name}: {exc or type(exc).__name__}") from exc
         # Close our copy of the child's end, or EOF would never reach either side.
         child_end.close()
         self.conn: Connection = parent_end

@@ -24,7 +24,7 @@ from typing import Any
 
 from photoscand import formats, outcomes
 from photoscand.catalog import Catalog, FileStat, Known
-from photoscand.children import Child, describe_exit
+from photoscand.children import Child, ChildStartError, describe_exit
 from photoscand.log import display_path, get_logger
 from photoscand.metadata import physical_offset
 from photoscand.metrics import Metrics
@@ -118,7 +118,15 @@ class Ingest:
         self._spawn()
 
     def _spawn(self) -> None:
-        self._child = Child(self.ctx, metadata_main, (), name="photoscand-metadata")
+        try:
+            self._child = Child(self.ctx, metadata_main, (), name="photoscand-metadata")
+        except ChildStartError as exc:
+            self._child = None
+            self._child_failures += 1
+            delay = min(30.0, 0.25 * 2**self._child_failures)
+            self._restart_after = time.monotonic() + delay
+            self.log.error("metadata parser could not be started; trying again", error=str(exc))
+            return
         self._last_answer = time.monotonic()
 
     def stop(self) -> None:

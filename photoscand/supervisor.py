@@ -35,7 +35,7 @@ from typing import Any
 
 from photoscand import outcomes
 from photoscand.catalog import Catalog, Job
-from photoscand.children import Child, describe_exit
+from photoscand.children import Child, ChildStartError, describe_exit
 from photoscand.log import display_path, get_logger
 from photoscand.metrics import Metrics
 from photoscand.prefetch import Prefetcher
@@ -150,7 +150,11 @@ class Supervisor:
     def _sweep_temp_files(self) -> None:
         """Remove what workers killed with the last run left mid-write. Only before any
         worker starts: a live worker's temporary file looks the same."""
-        child = Child(self.ctx, sweep_main, (self.settings.out_dir,), name="photoscand-sweep")
+        try:
+            child = Child(self.ctx, sweep_main, (self.settings.out_dir,), name="photoscand-sweep")
+        except ChildStartError as exc:
+            self.log.warning("sweep of stale temporary thumbnails failed", error=str(exc))
+            return
         try:
             if child.conn.poll(SWEEP_TIMEOUT_SECONDS):
                 removed = child.conn.recv()
@@ -166,12 +170,20 @@ class Supervisor:
             child.close(graceful=False)
 
     def _spawn(self, slot: _Slot, now: float) -> None:
-        slot.child = Child(
-            self.ctx,
-            conversion_main,
-            (self.settings.as_dict(),),
-            name=f"photoscand-worker-{slot.index}",
-        )
+        try:
+            slot.child = Child(
+                self.ctx,
+                conversion_main,
+                (self.settings.as_dict(),),
+                name=f"photoscand-worker-{slot.index}",
+            )
+        except ChildStartError as exc:
+            slot.child = None
+            slot.early_deaths += 1
+            slot.restart_after = now + min(30.0, 0.25 * 2**slot.early_deaths)
+            self.log.error("worker could not be started; trying again", error=str(exc))
+            self._update_gauges()
+            return
         slot.ready = False
         slot.job = None
         slot.idle_since = now
