@@ -471,7 +471,9 @@ def measure(inv: Invocation) -> Measurement:
             elif inv.until is not None and inv.until():
                 done_at = now
                 stop_at = now + inv.stop_grace
-                proc.send_signal(inv.stop_signal)
+                # os.kill, not Popen.send_signal: its poll() could reap the child first,
+                # and the wait4 below would lose the exit status and the rusage.
+                os.kill(proc.pid, inv.stop_signal)
         _, status, ru = os.wait4(proc.pid, 0)
         t_exit = time.monotonic()
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -511,18 +513,30 @@ def measure(inv: Invocation) -> Measurement:
         stderr.close()
 
 
+_NO_RUSAGE = resource.struct_rusage((0.0, 0.0) + (0,) * 14)
+
+
 def wait_rusage(proc: subprocess.Popen, timeout: float | None) -> resource.struct_rusage | None:
     """Wait for a child started with Popen and return its rusage; None if it is still running.
 
     wait4 is called directly (not Popen.wait) because only it returns the CPU of the child
-    and of every descendant that child waited for.
+    and of every descendant that child waited for. A child that someone else has reaped
+    already gives an empty rusage.
     """
-    pidfd = os.pidfd_open(proc.pid)
+    try:
+        pidfd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:
+        if proc.returncode is None:
+            proc.returncode = -signal.SIGKILL
+        return _NO_RUSAGE
     try:
         ready, _, _ = select.select([pidfd], [], [], timeout)
         if not ready:
             return None
-        _, status, ru = os.wait4(proc.pid, 0)
+        try:
+            _, status, ru = os.wait4(proc.pid, 0)
+        except ChildProcessError:
+            return _NO_RUSAGE
         proc.returncode = os.waitstatus_to_exitcode(status)
         return ru
     finally:
@@ -533,8 +547,9 @@ def stop_process(proc: subprocess.Popen, grace: float = 30.0) -> resource.struct
     """SIGTERM, wait up to `grace` seconds, then SIGKILL the whole group; always reaps it."""
     if proc.returncode is not None:
         return None
+    # os.kill, not Popen.send_signal, whose poll() could reap the child and lose its rusage.
     with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGTERM)
     ru = wait_rusage(proc, grace)
     if ru is None:
         with contextlib.suppress(ProcessLookupError):

@@ -284,10 +284,12 @@ def _delay_once(method, factory, mode, rep, list_file, rate, count, settle, gate
             poller.stop_event.set()
             if poller.is_alive():
                 poller.join()
-            for proc in (writer, daemon):
-                if proc is not None:
-                    h.stop_process(proc, grace=5)
-                    h.reap_leftovers(proc.pid, grace=0)
+            # Stop both before reaping leftovers: the reaper would take the other one too.
+            procs = [p for p in (writer, daemon) if p is not None]
+            for proc in procs:
+                h.stop_process(proc, grace=5)
+            for proc in procs:
+                h.reap_leftovers(proc.pid, grace=0)
             notify.close()
 
 
