@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import stat
 import time
@@ -94,6 +95,10 @@ class Ingest:
         self.on_row = on_row
         self.log = get_logger("ingest")
         self._settling: dict[bytes, _Settling] = {}
+        # When the settling files are looked at next: at the earliest moment one of them can
+        # have held still for settle_seconds (so a complete file waits exactly that long),
+        # and at least every settle_poll_seconds, to see the others still changing.
+        self._settle_check_at = 0.0
         self._ready: deque[_Candidate] = deque()  # complete, waiting for the parser
         # New files queued for or at the parser, by path: a file offered again meanwhile
         # (by events and by every walk that overlaps) is re-checked once after the answer,
@@ -155,7 +160,7 @@ class Ingest:
         """When the loop must wake for phase 1 (settle checks, parser timeout)."""
         deadlines = []
         if self._settling:
-            deadlines.append(now + min(0.25, self.settle_seconds / 4))
+            deadlines.append(self._settle_check_at)
         if self._line:
             deadlines.append(self._line[0][2] + self.metadata_timeout)
         if self._child is None and (self._ready or self._line):
@@ -179,7 +184,10 @@ class Ingest:
             return
         if not stat.S_ISREG(st.st_mode):
             return
+        if not self._settling:
+            self._settle_check_at = now + self._settle_poll_seconds()
         self._settling[path] = _Settling(st.st_size, st.st_mtime_ns, now, source, walk_reason)
+        self._settle_check_at = min(self._settle_check_at, now + self.settle_seconds)
 
     def complete(self, path: bytes, source: str, now: float, walk_reason: str = "") -> None:
         """A file is complete (closed after writing, moved in, walked, settled)."""
@@ -298,12 +306,13 @@ class Ingest:
 
     def tick(self, now: float) -> None:
         """Settle checks, parser timeouts and restarts, and feeding the parser."""
-        if self._settling:
+        if self._settling and now >= self._settle_check_at:
             self._check_settling(now)
         self._check_parser(now)
         self._feed()
 
     def _check_settling(self, now: float) -> None:
+        earliest = math.inf
         for path, entry in list(self._settling.items()):
             try:
                 st = os.lstat(path)
@@ -312,9 +321,15 @@ class Ingest:
                 continue
             if (st.st_size, st.st_mtime_ns) != (entry.size, entry.mtime_ns):
                 entry.size, entry.mtime_ns, entry.changed_at = st.st_size, st.st_mtime_ns, now
-            elif now - entry.changed_at >= self.settle_seconds:
+            elif now >= entry.changed_at + self.settle_seconds:
                 del self._settling[path]
                 self.complete(path, entry.source, now, entry.walk_reason)
+                continue
+            earliest = min(earliest, entry.changed_at + self.settle_seconds)
+        self._settle_check_at = min(earliest, now + self._settle_poll_seconds())
+
+    def _settle_poll_seconds(self) -> float:
+        return min(0.25, self.settle_seconds / 4)
 
     def _feed(self) -> None:
         child = self._child
