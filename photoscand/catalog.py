@@ -703,6 +703,37 @@ class Catalog:
             ("vanished: " + message, image_id),
         )
 
+    def postpone_under(self, image_id: int, root: bytes, retry_at: float) -> None:
+        """The image's watched folder is unavailable (unmounted, emptied): this row and every
+        pending row under the folder wait until retry_at instead of being read as deleted."""
+        self._write(self._op_postpone_under, image_id, root, retry_at)
+
+    def _op_postpone_under(self, image_id: int, root: bytes, retry_at: float) -> None:
+        self._conn.execute(
+            "UPDATE images SET status = 'pending', retry_at = ?"
+            " WHERE id = ? AND status = 'converting'",
+            (retry_at, image_id),
+        )
+        low, high = _prefix_bounds(root)
+        self._conn.execute(
+            "UPDATE images SET retry_at = ? WHERE path >= ? AND path < ? AND status = 'pending'"
+            " AND (retry_at IS NULL OR retry_at < ?)",
+            (retry_at, low, high, retry_at),
+        )
+
+    def resume_under(self, root: bytes) -> int:
+        """The folder is back: its pending rows may be claimed now (any back-off under it ends
+        too: what failed there may have failed because the folder was away)."""
+        return self._write(self._op_resume_under, root) or 0
+
+    def _op_resume_under(self, root: bytes) -> int:
+        low, high = _prefix_bounds(root)
+        return self._conn.execute(
+            "UPDATE images SET retry_at = NULL WHERE path >= ? AND path < ?"
+            " AND status = 'pending' AND retry_at IS NOT NULL",
+            (low, high),
+        ).rowcount
+
     def release(self, image_id: int) -> None:
         """Give a claimed row back to ``pending`` without counting an attempt."""
         self._write(self._op_release, image_id)

@@ -267,6 +267,10 @@ class Daemon:
         self.supervisor.parse_metadata = lambda job, shm, done: ingest.parse_loaded(
             job.id, job.path, shm, done
         )
+        if self.mode == "run":
+            # A one-shot scan ends instead of waiting for a folder to come back; there
+            # such images read as missing until a later walk finds them again.
+            self.supervisor.root_unavailable = self._unavailable_root
         if config.io.mode == "prefetch":
             self.prefetcher = Prefetcher(
                 config.io.prefetch_window_mb << 20, self.wake, self.metrics
@@ -476,7 +480,7 @@ class Daemon:
                 and root not in self._walk_problem_roots
                 and os.path.isdir(root)
             ):
-                self._root_problems.pop(root, None)
+                self._root_back(root)
         self._walk_problem_roots.clear()
         self.metrics.roots_unavailable.set(len(self._root_problems))
         self.log.info("walk finished", reason=done.reason, files=done.files,
@@ -485,6 +489,33 @@ class Daemon:
         interval = self.config.watch.rescan_interval_seconds
         if self.mode == "run" and interval > 0:
             self._next_walk = now + interval
+
+    def _unavailable_root(self, path: bytes) -> bytes | None:
+        """The watched root holding path, when that root is reported unavailable or now
+        looks unmounted (gone, unreadable or empty)."""
+        holders = [r for r in self.roots if path.startswith(r.rstrip(b"/") + b"/")]
+        if not holders:
+            return None
+        root = max(holders, key=len)
+        if root in self._root_problems:
+            return root
+        try:
+            with os.scandir(root) as entries:
+                if next(entries, None) is not None:
+                    return None
+            problem = "the watched folder is empty; it looks unmounted, nothing is marked missing"
+        except OSError as exc:
+            problem = f"cannot read the watched folder: {exc.strerror or exc}"
+        self._report_root(root, problem)
+        return root
+
+    def _root_back(self, root: bytes) -> None:
+        """A watched folder is readable again: the images postponed under it go ahead."""
+        assert self.catalog is not None and self.supervisor is not None
+        self._root_problems.pop(root, None)
+        self.metrics.roots_unavailable.set(len(self._root_problems))
+        if self.catalog.resume_under(root):
+            self.supervisor.wake()
 
     def _report_root(self, root: bytes, message: str) -> None:
         if self._root_problems.get(root) != message:
@@ -610,8 +641,7 @@ class Daemon:
         for root in back:
             if root in self._root_problems:
                 self.log.info("watched folder is back; walking it", root=display_path(root))
-                self._root_problems.pop(root, None)
-                self.metrics.roots_unavailable.set(len(self._root_problems))
+                self._root_back(root)
             self._request_walk("root", (root,))
         count = watcher.watch_count()
         if count is not None:

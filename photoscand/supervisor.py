@@ -43,6 +43,8 @@ from photoscand.worker import conversion_main, sweep_main
 
 # How long to wait for a disk that was full before trying one image again.
 DISK_FULL_PROBE_SECONDS = 5.0
+# How long images under an unavailable watched folder wait before they are tried again.
+UNAVAILABLE_ROOT_RETRY_SECONDS = 60.0
 # The start-up sweep of stale temporary thumbnails; past this the workers start anyway.
 SWEEP_TIMEOUT_SECONDS = 60.0
 
@@ -133,6 +135,9 @@ class Supervisor:
         self._disk_probe_at = 0.0
         self.done_since_start = 0
         self.failed_since_start = 0
+        # Given an image's path, its watched root when that root is unavailable (missing,
+        # unreadable or emptied); set by the daemon.
+        self.root_unavailable: Callable[[bytes], bytes | None] | None = None
         # Prefetch mode: the sequential reader that brings each claimed job's bytes.
         self.prefetcher: Prefetcher | None = None
         # Rows whose metadata is still to be read (prefetch mode defers it to the bytes
@@ -345,6 +350,13 @@ class Supervisor:
             return
         self.metrics.conversion_failures.labels(reason).inc()
         if reason == outcomes.VANISHED:
+            root = self.root_unavailable(job.path) if self.root_unavailable else None
+            if root is not None:
+                # Its whole folder is gone (an unmounted disk): not a deletion. The rows
+                # under it wait, with no attempt counted, and are tried again later.
+                self.catalog.postpone_under(job.id, root, wall + UNAVAILABLE_ROOT_RETRY_SECONDS)
+                self.metrics.conversions.labels("released").inc()
+                return
             self.catalog.record_vanished(job.id, message)
             self.metrics.conversions.labels("vanished").inc()
             self.log.info("file vanished before conversion", path=display_path(job.path))

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -138,6 +140,45 @@ def test_deleted_files_become_missing_and_an_empty_root_is_not_read_as_deletion(
     wait_for(lambda: "looks unmounted" in daemon.log_text(), message="unmounted report")
     statuses = {r[1] for p, r in daemon.rows().items() if not p.endswith(b"0.jpg")}
     assert "missing" not in statuses
+    assert daemon.stop() == 0
+
+
+def test_images_queued_under_an_emptied_root_wait_for_it_instead_of_going_missing(
+    daemon_factory,
+) -> None:
+    """Pending images whose folder looks unmounted are postponed, not read as deleted, and
+    convert once the folder is back."""
+    daemon = daemon_factory({"watch": {"rescan_interval_seconds": 1}})
+    names = [f"{i}.jpg" for i in range(3)]
+    for name, sample in zip(names, SAMPLES, strict=False):
+        shutil.copy(sample, daemon.photos / name)
+    daemon.start().wait_ready()
+    for name in names:
+        daemon.wait_row(daemon.photos / name, status="done")
+    assert daemon.stop() == 0
+    retried = subprocess.run(
+        [sys.executable, "-m", "photoscand", "retry", "--all", "--config", str(daemon.config_path)],
+        cwd=daemon.root, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert retried.returncode == 0, retried.stderr
+    assert {r[1] for r in daemon.rows().values()} == {"pending"}
+
+    # The disk goes away while the daemon is down; the queued images are tried at start-up.
+    for name in names:
+        os.rename(daemon.photos / name, daemon.root / name)
+    daemon.start().wait_ready()
+
+    def postponed() -> bool:
+        rows = daemon.query("SELECT status, retry_at FROM images")
+        return len(rows) == 3 and all(s == "pending" and r is not None for s, r in rows)
+
+    wait_for(postponed, message="every queued image postponed")
+    assert "looks unmounted" in daemon.log_text()
+
+    for name in names:
+        os.rename(daemon.root / name, daemon.photos / name)
+    for name in names:
+        daemon.wait_row(daemon.photos / name, status="done")
     assert daemon.stop() == 0
 
 
