@@ -36,7 +36,9 @@ def photoscand_scan_method(sizes: tuple[int, ...], key: str = "photoscand"):
 
     def build(ctx):
         cfg = h.write_photoscand_config(ctx.run_dir, [ctx.corpus], sizes=sizes, worker_count=2)
-        return h.Invocation([str(h.PHOTOSCAND), "scan", "--config", str(cfg)], timeout=1800)
+        argv = [str(h.PHOTOSCAND), "scan", "--config", str(cfg)]
+        argv += ["--metrics-file", str(ctx.run_dir / METRICS_FILE)]
+        return h.Invocation(argv, timeout=1800)
 
     def count(ctx, _m):
         tdir = ctx.run_dir / "thumbnails"
@@ -86,18 +88,90 @@ def _catalog_thumbnails(catalog: Path) -> list[tuple[str, int, str]]:
     return [(os.fsdecode(t), int(s), os.fsdecode(i)) for t, s, i in rows]
 
 
-def photoscand_breakdown(run_dir: Path) -> dict[str, float]:
-    """>>> TO FINISH (photoscand-specific) <<<  Where photoscand's time went in one scan.
+METRICS_FILE = "metrics.prom"
+WORKER_STAGES = (
+    ("read", "read the file"),
+    ("hash", "content hash"),
+    ("decode", "decode (DCT-scaled)"),
+    ("resize", "resize"),
+    ("color", "colour to sRGB"),
+    ("orient", "orient"),
+    ("encode", "encode"),
+    ("write", "write + fsync + rename"),
+)
 
-    Receives the run folder right after `photoscand scan` exited, before it is deleted:
-    run_dir/catalog.db (the fresh catalog: tables images, thumbnails), run_dir/thumbnails/,
-    run_dir/photoscand.yaml. Return a flat dict of stage name -> value (e.g. "phase 1 wall
-    ms/file", "worker CPU ms/file", "worker idle ms/file", "main-process CPU ms/file",
-    "catalog write ms/file"), from the catalog (discovered_at, converted_at) or from the
-    daemon's per-stage metrics once it exposes them. The medians over the runs are printed
-    under the table. An empty dict means "not measured yet".
+
+def _metric_samples(path: Path) -> dict[str, float]:
+    """Prometheus text format → {"name{labels}": value} (comments and buckets dropped)."""
+    samples: dict[str, float] = {}
+    if not path.exists():
+        return samples
+    for line in path.read_text().splitlines():
+        if not line or line.startswith("#") or "_bucket{" in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            samples[name] = float(value)
+        except ValueError:
+            continue
+    return samples
+
+
+def _catalog_span(catalog: Path) -> tuple[float, float, float, int] | None:
+    """(first row, last row, last conversion) as Unix times, and the row count."""
+    con = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True)
+    try:
+        # julianday() reads the ISO timestamps to the millisecond on every SQLite version.
+        row = con.execute(
+            "SELECT (julianday(min(discovered_at)) - 2440587.5) * 86400,"
+            " (julianday(max(discovered_at)) - 2440587.5) * 86400,"
+            " (julianday(max(converted_at)) - 2440587.5) * 86400, count(*) FROM images"
+        ).fetchone()
+    finally:
+        con.close()
+    if row is None or None in row[:3] or not row[3]:
+        return None
+    return float(row[0]), float(row[1]), float(row[2]), int(row[3])
+
+
+def photoscand_breakdown(run_dir: Path, workers: int = 2) -> dict[str, float]:
+    """Where photoscand's time went in one scan, in ms per photo unless the name says %.
+
+    From the catalog (when rows appeared and were converted) and the final metrics the scan
+    wrote with --metrics-file: the workers' own per-stage clocks, the time each job was in a
+    worker's hands (the difference is dispatch and pipe transfer), the daemon's CPU, the
+    metadata parser and the catalog commits. Empty when the run left neither behind.
     """
-    return {}
+    m = _metric_samples(run_dir / METRICS_FILE)
+    span = _catalog_span(run_dir / "catalog.db")
+    if not m or span is None:
+        return {}
+    first_row, last_row, last_done, n = span
+    ms = 1000.0 / n
+    out: dict[str, float] = {}
+    started = m.get("process_start_time_seconds")
+    if started is not None:
+        # process_start_time_seconds comes from the kernel in clock ticks (10 ms).
+        out["start-up: launch to first row (ms, whole run)"] = (first_row - started) * 1000
+        busy = m.get("photoscand_worker_busy_seconds_total", 0.0)
+        out["workers idle (% of launch to last conversion)"] = 100 * (
+            1 - busy / (workers * max(last_done - started, 1e-9))
+        )
+    out["phase 1: first to last row (ms, whole run)"] = (last_row - first_row) * 1000
+    for stage, label in WORKER_STAGES:
+        key = f'photoscand_conversion_stage_seconds_total{{stage="{stage}"}}'
+        if key in m:
+            out[f"worker: {label}"] = m[key] * ms
+    conversion = m.get("photoscand_conversion_duration_seconds_sum", 0.0)
+    busy = m.get("photoscand_worker_busy_seconds_total", 0.0)
+    out["worker: whole conversion"] = conversion * ms
+    out["dispatch + pipes (job in hand minus conversion)"] = max(busy - conversion, 0.0) * ms
+    out["daemon CPU (main process)"] = m.get("process_cpu_seconds_total", 0.0) * ms
+    out["phase 1 parser (EXIF, per photo)"] = (
+        m.get("photoscand_metadata_duration_seconds_sum", 0.0) * ms
+    )
+    out["catalog commits"] = m.get("photoscand_catalog_commit_duration_seconds_sum", 0.0) * ms
+    return out
 
 
 def probe_photoscand(corpus: Path, sizes: tuple[int, ...]) -> str | None:
@@ -169,18 +243,34 @@ def render_targets(summaries_by_set: list[dict[str, h.Summary]], names: dict[str
     return "Targets (speed ratios, same-rep, median):\n\n" + "\n".join(lines)
 
 
-def render_breakdown(summaries: dict[str, h.Summary]) -> str:
-    s = summaries.get("photoscand")
-    dicts = [e["breakdown"] for e in (s.extra if s else []) if e.get("breakdown")]
-    title = "Where photoscand's remaining time goes (medians over its runs):"
-    if not dicts:
-        return (
-            f"{title} pending — `photoscand_breakdown()` in bench/thumbnails.py does not "
-            "report stages yet."
-        )
-    keys = sorted({k for d in dicts for k in d})
-    rows = [[k, h.fmt(h.median([d[k] for d in dicts if k in d]), 2)] for k in keys]
-    return f"{title}\n\n" + h.md_table(["stage", "value"], rows, right=[1])
+def render_breakdown(all_summaries: list[dict[str, h.Summary]]) -> str:
+    """One table: a column per photoscand set, a row per stage (medians over its runs)."""
+    columns: list[tuple[str, list[dict[str, float]]]] = []
+    for summaries in all_summaries:
+        for key, label in (("photoscand", "1440 + 256"), ("photoscand_256", "256 only")):
+            s = summaries.get(key)
+            dicts = [e["breakdown"] for e in (s.extra if s else []) if e.get("breakdown")]
+            if dicts:
+                columns.append((label, dicts))
+    title = (
+        "Where photoscand's time goes (medians over its runs; ms per photo unless stated; from"
+        " the catalog's timestamps and the metrics the scan writes with `--metrics-file`):"
+    )
+    if not columns:
+        return f"{title} not measured in this run."
+    keys: list[str] = []
+    for _label, dicts in columns:
+        for d in dicts:
+            keys += [k for k in d if k not in keys]
+    rows = []
+    for k in keys:
+        cells = []
+        for _label, dicts in columns:
+            values = [d[k] for d in dicts if k in d]
+            cells.append(h.fmt(h.median(values), 1) if values else "–")
+        rows.append([k, *cells])
+    headers = ["stage", *(label for label, _ in columns)]
+    return f"{title}\n\n" + h.md_table(headers, rows, right=list(range(1, len(headers))))
 
 
 # --------------------------------------------------------------------------- main
@@ -220,8 +310,7 @@ def report(
         blocks.append(render_set(heading, methods, summaries, refs, pending))
     names.update({"photoscand": "photoscand end to end", "photoscand_256": "photoscand 256 px"})
     blocks.append(render_targets(all_summaries, names))
-    if plan and plan[0][0] == "both":
-        blocks.append(render_breakdown(all_summaries[0]))
+    blocks.append(render_breakdown(all_summaries))
     notes = [
         "Ratios are speed ratios: the method's files/s divided by the reference's in the same "
         "rep, median over reps (above 1 = faster than the reference).",
