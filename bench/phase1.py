@@ -83,6 +83,8 @@ def photoscand_phase1_method() -> h.Method:
         mark = marks.pop(ctx.run_dir, {})
         if "first" not in mark or "last" not in mark or mark["last"] <= mark["first"]:
             return {}
+        if mark["rows_at_first"] >= len(ctx.files):
+            return {}  # every row showed in the first poll: no steady rate to tell
         return {
             "first_row_s": mark["first"] - mark["start"],
             "steady_files_per_s": (len(ctx.files) - mark["rows_at_first"])
@@ -445,7 +447,14 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__ + "\n(`phase1.py writer --help`: the file writer it starts.)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--files", type=int, default=1000, help="photos for throughput [%(default)s]")
+    ap.add_argument(
+        "--files",
+        type=int,
+        nargs="+",
+        default=[1000, 10000],
+        help="photos for throughput, one set per count: start-up weighs on small sets, the"
+        " steady rate on large ones [%(default)s]",
+    )
     ap.add_argument("--reps", type=int, default=5, help="throughput repetitions [%(default)s]")
     ap.add_argument(
         "--delay-files", type=int, default=200, help="files per delay run [%(default)s]"
@@ -473,16 +482,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rerender:
         payload = json.loads(Path(args.rerender).read_text())
-        res = h.load_set(payload["throughput"])
+        raw_sets = payload["throughput"]
+        results = [h.load_set(d) for d in (raw_sets if isinstance(raw_sets, list) else [raw_sets])]
         records = [DelayRecord(**d) for d in payload["delay"]]
-        body = report(res, records, payload["facts"], payload["pending"], payload["args"])
+        body = report(results, records, payload["facts"], payload["pending"], payload["args"])
         print(body)
         if args.doc if args.doc is not None else not payload["args"]["quick"]:
             h.write_section(SECTION, body)
             h.log(f"updated the {SECTION} section of {h.DOC}")
         return 0
     if args.quick:
-        args.files, args.reps, args.delay_files, args.delay_reps = 100, 1, 40, 1
+        args.files, args.reps, args.delay_files, args.delay_reps = [100], 1, 40, 1
         args.rate = max(args.rate, 20.0)
     write_doc = args.doc if args.doc is not None else not args.quick
     gate = h.gate_from_args(args)
@@ -490,9 +500,6 @@ def main(argv: list[str] | None = None) -> int:
 
     corpus = h.perf_corpus()
     sources = h.photos_in(corpus)
-    folder = h.linked_folder(sources, args.files, corpus.name)
-    files = h.photos_in(folder)
-    h.log(f"{len(files)} photos (hard links) in {folder}")
 
     pending: dict[str, str] = {}
     if args.no_photoscand:
@@ -503,8 +510,15 @@ def main(argv: list[str] | None = None) -> int:
     facts = h.machine_facts()
     methods = throughput_methods()
     runnable = [m for m in methods if m.key not in pending]
-    # Phase 1 reads headers only, so warming the 150 source files warms every link.
-    res = h.run_set("phase1", runnable, files, folder, args.reps, gate, warm=sources)
+    results = []
+    for count in args.files:
+        folder = h.linked_folder(sources, count, corpus.name)
+        files = h.photos_in(folder)
+        h.log(f"{len(files)} photos (hard links) in {folder}")
+        # Phase 1 reads headers only, so warming the 150 source files warms every link.
+        results.append(
+            h.run_set(f"phase1-{count}", runnable, files, folder, args.reps, gate, warm=sources)
+        )
 
     records: list[DelayRecord] = []
     if not args.skip_delay:
@@ -539,13 +553,13 @@ def main(argv: list[str] | None = None) -> int:
                             f"foreign {100 * rec.foreign:.1f} %"
                         )
 
-    body = report(res, records, facts, pending, vars(args))
+    body = report(results, records, facts, pending, vars(args))
     raw = h.save_raw(
         "phase1",
         {
             "args": vars(args),
             "facts": facts,
-            "throughput": res,
+            "throughput": results,
             "delay": records,
             "pending": pending,
         },
@@ -572,21 +586,28 @@ DELAY_PLAN = [
 
 
 def report(
-    res: h.SetResult, records: list[DelayRecord], facts: dict, pending: dict[str, str], args: dict
+    results: list[h.SetResult],
+    records: list[DelayRecord],
+    facts: dict,
+    pending: dict[str, str],
+    args: dict,
 ) -> str:
-    """The markdown section: throughput table and targets, delay table, facts."""
+    """The markdown section: a throughput table and targets per set, delay table, facts."""
     methods = throughput_methods()
     runnable = [m for m in methods if m.key not in pending]
-    summaries = h.summarize(res, runnable, ["exifread_loop", "exiftool"])
-    blocks = [render_throughput(methods, summaries, pending, res.files, res.reps)]
+    blocks = []
+    for res in results:
+        summaries = h.summarize(res, runnable, ["exifread_loop", "exiftool"])
+        blocks.append(render_throughput(methods, summaries, pending, res.files, res.reps))
+    reps = results[0].reps if results else 0
     if not args["skip_delay"]:
         blocks.append(render_delay(DELAY_PLAN, records, pending, args["rate"], args["settle"]))
     notes = [
         "Ratios are speed ratios: files/s divided by the reference's in the same rep, median "
         "over reps (above 1 = faster). Every method is timed as a whole process, start-up "
         "included (cold start).",
-        "Foreign load (throughput runs): " + h.gating_outcome([res]) + ". Noisy runs are left "
-        f"out of medians and ratios when at least {h.min_clean_runs(res.reps)} clean ones exist.",
+        "Foreign load (throughput runs): " + h.gating_outcome(results) + ". Noisy runs are left "
+        f"out of medians and ratios when at least {h.min_clean_runs(reps)} clean ones exist.",
     ]
     if records:
         noisy = sum(r.noisy for r in records)
@@ -594,7 +615,7 @@ def report(
             f"Foreign load (delay runs): {len(records)} runs kept, {noisy} flagged noisy "
             f"(their delays are included), {sum(r.attempts - 1 for r in records)} redone."
         )
-    blocks.append(h.facts_markdown(facts, res.reps, notes))
+    blocks.append(h.facts_markdown(facts, reps, notes))
     return "\n\n".join(blocks)
 
 
