@@ -414,11 +414,11 @@ class Catalog:
         ).fetchall()
         return [Known(*row) for row in rows]
 
-    def count_inode(self, dev: int, ino: int, size: int, mtime_ns: int) -> int:
-        """How many rows name a file with this identity (hard links are one row each)."""
+    def count_links(self, dev: int, ino: int) -> int:
+        """How many rows name this inode (hard links are one row each), from the index."""
         return self._conn.execute(
-            "SELECT count(*) FROM images WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ?",
-            (dev, ino, size, mtime_ns),
+            "SELECT count(*) FROM images INDEXED BY images_inode WHERE dev = ? AND ino = ?",
+            (dev, ino),
         ).fetchone()[0]
 
     def add_image(

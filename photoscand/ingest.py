@@ -289,17 +289,20 @@ class Ingest:
 
         With one link, no other path names this inode, so any row that had it is stale.
         With hard links, the other links' rows are not moves: only a row whose path is
-        gone is, and there can be one only when the inode has as many rows as links.
+        gone is, and there can be one only when the inode has as many rows as links. That
+        is counted first, from the index alone, because a tree of many links per photo
+        (snapshot backups) would otherwise read every link's row for every new link.
         """
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        first = self.catalog.same_inode(*identity, limit=1)
-        if not first:
-            return None
-        if first[0].status == "missing" or st.st_nlink == 1:
-            return first[0]
-        if self.catalog.count_inode(*identity) < st.st_nlink:
+        if st.st_nlink == 1:
+            first = self.catalog.same_inode(*identity, limit=1)
+            return first[0] if first else None
+        if self.catalog.count_links(st.st_dev, st.st_ino) < st.st_nlink:
             return None  # this path is another link, not a move
-        for old in self.catalog.same_inode(*identity, limit=st.st_nlink + 1):
+        rows = self.catalog.same_inode(*identity, limit=st.st_nlink + 1)
+        if rows and rows[0].status == "missing":
+            return rows[0]
+        for old in rows:
             if not os.path.lexists(old.path):
                 return old
         return None
