@@ -348,15 +348,16 @@ class Supervisor:
             self._disk_probe_at = now + DISK_FULL_PROBE_SECONDS
             self.wake()
             return
-        self.metrics.conversion_failures.labels(reason).inc()
-        if reason == outcomes.VANISHED:
-            root = self.root_unavailable(job.path) if self.root_unavailable else None
+        if reason == outcomes.VANISHED and self.root_unavailable is not None:
+            root = self.root_unavailable(job.path)
             if root is not None:
-                # Its whole folder is gone (an unmounted disk): not a deletion. The rows
-                # under it wait, with no attempt counted, and are tried again later.
+                # Its whole folder is gone (an unmounted disk): not a deletion, and not a
+                # failure. The rows under it wait, with no attempt counted.
                 self.catalog.postpone_under(job.id, root, wall + UNAVAILABLE_ROOT_RETRY_SECONDS)
                 self.metrics.conversions.labels("released").inc()
                 return
+        self.metrics.conversion_failures.labels(reason).inc()
+        if reason == outcomes.VANISHED:
             self.catalog.record_vanished(job.id, message)
             self.metrics.conversions.labels("vanished").inc()
             self.log.info("file vanished before conversion", path=display_path(job.path))
