@@ -106,6 +106,16 @@ class Child:
             self.process.close()
 
 
+# The longest a child that keeps failing waits before it is started again.
+RESTART_DELAY_CAP_SECONDS = 30.0
+
+
+def restart_delay(base: float, failures: int) -> float:
+    """How long to wait before starting a child again after ``failures`` failures in a row:
+    ``base`` doubled for each, capped, so a child that cannot live does not spin the CPU."""
+    return min(RESTART_DELAY_CAP_SECONDS, base * 2**failures)
+
+
 def describe_exit(code: int | None) -> str:
     """A child's exit code in words (negative codes are signals)."""
     if code is None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from photoscand import formats, outcomes
 from photoscand.catalog import Catalog, FileStat, Known
-from photoscand.children import Child, ChildStartError, describe_exit
+from photoscand.children import Child, ChildStartError, describe_exit, restart_delay
 from photoscand.log import display_path, get_logger
 from photoscand.metadata import physical_offset
 from photoscand.metrics import Metrics
@@ -128,8 +128,7 @@ class Ingest:
         except ChildStartError as exc:
             self._child = None
             self._child_failures += 1
-            delay = min(30.0, 0.25 * 2**self._child_failures)
-            self._restart_after = time.monotonic() + delay
+            self._restart_after = time.monotonic() + restart_delay(0.25, self._child_failures)
             self.log.error("metadata parser could not be started; trying again", error=str(exc))
             return
         self._last_answer = time.monotonic()
@@ -526,5 +525,5 @@ class Ingest:
         self._child = None
         self._child_failures += 1
         # A parser that keeps dying at start-up must not spin the CPU.
-        delay = 0.0 if self._child_failures <= 1 else min(30.0, 0.5 * 2**self._child_failures)
+        delay = 0.0 if self._child_failures <= 1 else restart_delay(0.5, self._child_failures)
         self._restart_after = time.monotonic() + delay

@@ -35,7 +35,7 @@ from typing import Any
 
 from photoscand import outcomes
 from photoscand.catalog import Catalog, Job
-from photoscand.children import Child, ChildStartError, describe_exit
+from photoscand.children import Child, ChildStartError, describe_exit, restart_delay
 from photoscand.log import display_path, get_logger
 from photoscand.metrics import Metrics
 from photoscand.prefetch import Prefetcher
@@ -185,7 +185,7 @@ class Supervisor:
         except ChildStartError as exc:
             slot.child = None
             slot.early_deaths += 1
-            slot.restart_after = now + min(30.0, 0.25 * 2**slot.early_deaths)
+            slot.restart_after = now + restart_delay(0.25, slot.early_deaths)
             self.log.error("worker could not be started; trying again", error=str(exc))
             self._update_gauges()
             return
@@ -420,7 +420,7 @@ class Supervisor:
         if self.stopping:
             self._update_gauges()
             return
-        delay = 0.0 if slot.early_deaths <= 1 else min(30.0, 0.5 * 2**slot.early_deaths)
+        delay = 0.0 if slot.early_deaths <= 1 else restart_delay(0.5, slot.early_deaths)
         slot.restart_after = now + delay
         if delay == 0.0:
             self._spawn(slot, now)
