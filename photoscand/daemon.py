@@ -39,11 +39,13 @@ from photoscand.metrics import Metrics, MetricsServer
 from photoscand.prefetch import Prefetcher
 from photoscand.scanner import (
     RootProblem,
+    RootUnavailable,
     Vanished,
     WalkDone,
     Walker,
     WalkItem,
     WalkOutput,
+    open_root,
     relative_parts_ignored,
 )
 from photoscand.supervisor import Supervisor, WorkerSettings
@@ -492,22 +494,21 @@ class Daemon:
 
     def _unavailable_root(self, path: bytes) -> bytes | None:
         """The watched root holding path, when that root is reported unavailable or now
-        looks unmounted (gone, unreadable or empty)."""
+        looks unmounted (the walk's rule: gone, unreadable, or empty with rows under it)."""
+        assert self.catalog is not None
         holders = [r for r in self.roots if path.startswith(r.rstrip(b"/") + b"/")]
         if not holders:
             return None
         root = max(holders, key=len)
         if root in self._root_problems:
             return root
+        catalog = self.catalog
         try:
-            with os.scandir(root) as entries:
-                if next(entries, None) is not None:
-                    return None
-            problem = "the watched folder is empty; it looks unmounted, nothing is marked missing"
-        except OSError as exc:
-            problem = f"cannot read the watched folder: {exc.strerror or exc}"
-        self._report_root(root, problem)
-        return root
+            open_root(root, lambda: catalog.count_under(root))
+        except RootUnavailable as exc:
+            self._report_root(root, str(exc))
+            return root
+        return None
 
     def _root_back(self, root: bytes) -> None:
         """A watched folder is readable again: the images postponed under it go ahead."""

@@ -65,6 +65,33 @@ class Vanished:
     path: bytes
 
 
+class RootUnavailable(Exception):
+    """A watched root must not be read as it is; the message says why."""
+
+
+def open_root(root: bytes, count_known: Callable[[], int]) -> os.stat_result:
+    """The root's stat, when it can be walked.
+
+    Raises RootUnavailable when it cannot be read, is not a folder, or is empty while the
+    catalog holds images under it (``count_known``, asked only then): an unmounted disk
+    looks like that, and must never be read as "everything was deleted".
+    """
+    try:
+        st = os.stat(root)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(0, "not a folder")
+        with os.scandir(root) as it:
+            empty = next(it, None) is None
+    except OSError as exc:
+        raise RootUnavailable(f"cannot read the watched folder: {exc.strerror or exc}") from exc
+    if empty and (known := count_known()):
+        raise RootUnavailable(
+            f"the watched folder is empty but the catalog holds {known} images under it;"
+            " it looks unmounted, so nothing is marked missing"
+        )
+    return st
+
+
 @dataclass(frozen=True, slots=True)
 class RootProblem:
     """A root that cannot be walked, or that looks unmounted."""
@@ -190,24 +217,10 @@ class Walker(threading.Thread):
         self._put(done)
 
     def _walk_root(self, root: bytes, reason: str, catalog: Catalog | None, done: WalkDone) -> None:
-        known = catalog.count_under(root) if catalog is not None else 0
         try:
-            st = os.stat(root)
-            if not stat.S_ISDIR(st.st_mode):
-                raise NotADirectoryError(0, "not a folder")
-            with os.scandir(root) as it:
-                empty = next(it, None) is None
-        except OSError as exc:
-            self._put(RootProblem(root, f"cannot read the watched folder: {exc.strerror or exc}"))
-            return
-        if empty and known:
-            self._put(
-                RootProblem(
-                    root,
-                    f"the watched folder is empty but the catalog holds {known} images under"
-                    " it; it looks unmounted, so nothing is marked missing",
-                )
-            )
+            st = open_root(root, lambda: catalog.count_under(root) if catalog is not None else 0)
+        except RootUnavailable as exc:
+            self._put(RootProblem(root, str(exc)))
             return
         seen: set[bytes] = set()
         visited: set[tuple[int, int]] = {(st.st_dev, st.st_ino)}
