@@ -1075,6 +1075,14 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
         os.replace(tmp, doc)
 
 
+def publish(name: str, body: str, write_doc: bool) -> None:
+    """Print a benchmark's section, and put it into docs/benchmarks.md when asked."""
+    print(body)
+    if write_doc:
+        write_section(name, body)
+        log(f"updated the {name} section of {DOC}")
+
+
 # --------------------------------------------------------------------------- photoscand
 
 

@@ -634,11 +634,8 @@ def run(args: argparse.Namespace, bases: list[str], gate: h.Gate, write_doc: boo
     payload = {"args": vars(args), "facts": facts, "set": result, "model": model, "sizes": sizes}
     raw = h.save_raw("hdd", payload)
     body = report(plans, result, facts, model, sizes, args.reps)
-    print(body)
     h.log(f"raw results: {raw}")
-    if write_doc:
-        h.write_section(SECTION, body)
-        h.log(f"updated the {SECTION} section of {h.DOC}")
+    h.publish(SECTION, body, write_doc)
     return 0
 
 
@@ -661,10 +658,7 @@ def rerender(raw: Path, doc: bool | None) -> int:
     ]
     result = h.load_set(payload["set"])
     body = report(plans, result, payload["facts"], payload["model"], sizes, saved["reps"])
-    print(body)
-    if doc if doc is not None else not saved["quick"]:
-        h.write_section(SECTION, body)
-        h.log(f"updated the {SECTION} section of {h.DOC}")
+    h.publish(SECTION, body, doc if doc is not None else not saved["quick"])
     return 0
 
 

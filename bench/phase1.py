@@ -486,10 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         results = [h.load_set(d) for d in (raw_sets if isinstance(raw_sets, list) else [raw_sets])]
         records = [DelayRecord(**d) for d in payload["delay"]]
         body = report(results, records, payload["facts"], payload["pending"], payload["args"])
-        print(body)
-        if args.doc if args.doc is not None else not payload["args"]["quick"]:
-            h.write_section(SECTION, body)
-            h.log(f"updated the {SECTION} section of {h.DOC}")
+        h.publish(SECTION, body, args.doc if args.doc is not None else not payload["args"]["quick"])
         return 0
     if args.quick:
         args.files, args.reps, args.delay_files, args.delay_reps = [100], 1, 40, 1
@@ -564,11 +561,8 @@ def main(argv: list[str] | None = None) -> int:
             "pending": pending,
         },
     )
-    print(body)
     h.log(f"raw results: {raw}")
-    if write_doc:
-        h.write_section(SECTION, body)
-        h.log(f"updated the {SECTION} section of {h.DOC}")
+    h.publish(SECTION, body, write_doc)
     return 0
 
 

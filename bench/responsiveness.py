@@ -270,10 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     body = render(phases, facts, args, len(files), unquiet)
     raw = h.save_raw(SECTION, {"args": vars(args), "facts": facts, "phases": phases})
     h.log(f"raw measurements: {raw}")
-    print(body)
-    if write_doc:
-        h.write_section(SECTION, body)
-        h.log(f"updated {h.DOC}")
+    h.publish(SECTION, body, write_doc)
     return 0
 
 

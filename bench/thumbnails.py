@@ -363,10 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_sets(saved["sets"])
         results = [h.load_set(d) for d in payload["sets"]]
         body = report(plan, results, payload["facts"], payload["pending"], saved["reps"])
-        print(body)
-        if args.doc if args.doc is not None else not saved["quick"]:
-            h.write_section(SECTION, body)
-            h.log(f"updated the {SECTION} section of {h.DOC}")
+        h.publish(SECTION, body, args.doc if args.doc is not None else not saved["quick"])
         return 0
     if args.quick:
         args.files, args.reps = min(args.files, 20), 1
@@ -398,11 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     raw = h.save_raw(
         "thumbnails", {"args": vars(args), "facts": facts, "sets": results, "pending": pending}
     )
-    print(body)
     h.log(f"raw results: {raw}")
-    if write_doc:
-        h.write_section(SECTION, body)
-        h.log(f"updated the {SECTION} section of {h.DOC}")
+    h.publish(SECTION, body, write_doc)
     return 0
 
 
