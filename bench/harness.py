@@ -1106,6 +1106,21 @@ def compile_photoscand() -> None:
         _bytecode_ready = True
 
 
+def metric_samples(text: str) -> dict[str, float]:
+    """Prometheus text format (the daemon's --metrics-file) → {"name{labels}": value}, without
+    comments and histogram buckets."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#") or "_bucket{" in line:
+            continue
+        name, _, value = line.rpartition(" ")
+        try:
+            samples[name] = float(value)
+        except ValueError:
+            continue
+    return samples
+
+
 def write_photoscand_config(
     run_dir: Path,
     watch_paths: Sequence[Path],

@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
-import re
 import signal
 import sys
 import tempfile
@@ -97,12 +96,8 @@ class Disk:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key, series in PROFILE_METRICS.items():
-        m = re.search(rf"^{re.escape(series)} (\S+)$", text, re.MULTILINE)
-        if m:
-            out[key] = float(m.group(1))
-    return out
+    samples = h.metric_samples(text)
+    return {key: samples[series] for key, series in PROFILE_METRICS.items() if series in samples}
 
 
 class Runs:

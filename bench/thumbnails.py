@@ -105,22 +105,6 @@ WORKER_STAGES = (
 )
 
 
-def _metric_samples(path: Path) -> dict[str, float]:
-    """Prometheus text format → {"name{labels}": value} (comments and buckets dropped)."""
-    samples: dict[str, float] = {}
-    if not path.exists():
-        return samples
-    for line in path.read_text().splitlines():
-        if not line or line.startswith("#") or "_bucket{" in line:
-            continue
-        name, _, value = line.rpartition(" ")
-        try:
-            samples[name] = float(value)
-        except ValueError:
-            continue
-    return samples
-
-
 def _catalog_span(catalog: Path) -> tuple[float, float, float, int] | None:
     """(first row, last row, last conversion) as Unix times, and the row count."""
     con = sqlite3.connect(f"file:{catalog}?mode=ro", uri=True)
@@ -146,7 +130,8 @@ def photoscand_breakdown(run_dir: Path, workers: int = 2) -> dict[str, float]:
     worker's hands (the difference is dispatch and pipe transfer), the daemon's CPU, the
     metadata parser and the catalog commits. Empty when the run left neither behind.
     """
-    m = _metric_samples(run_dir / METRICS_FILE)
+    metrics_file = run_dir / METRICS_FILE
+    m = h.metric_samples(metrics_file.read_text()) if metrics_file.exists() else {}
     span = _catalog_span(run_dir / "catalog.db")
     if not m or span is None:
         return {}
