@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import multiprocessing
 import os
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import pytest
 from PIL import Image
 
+from photoscand.children import Child
 from photoscand.worker import conversion_main
 from tests.conftest import CORPUS
 
@@ -43,10 +44,8 @@ class Window:
 
 
 @pytest.fixture
-def worker(tmp_path: Path) -> Iterator[Any]:
-    """A worker limited to LIMIT_MB, started like the supervisor starts it."""
-    ctx = multiprocessing.get_context("forkserver")
-    parent, child = ctx.Pipe(duplex=True)
+def worker(tmp_path: Path) -> Iterator[Connection]:
+    """A worker limited to LIMIT_MB, started the way the supervisor starts it."""
     settings = {
         "sizes": [256],
         "format": "jpeg",
@@ -56,28 +55,22 @@ def worker(tmp_path: Path) -> Iterator[Any]:
         "backend": "pillow",
         "memory_limit_mb": LIMIT_MB,
     }
-    process = ctx.Process(target=conversion_main, args=(child, settings), daemon=True)
-    process.start()
-    child.close()
-    assert parent.poll(60), "the worker did not start"
-    assert "ready" in parent.recv()
-    yield parent
-    with contextlib.suppress(OSError):  # a worker that died has closed its end
-        parent.send(None)
-    process.join(10)
-    if process.is_alive():
-        process.kill()
-        process.join()
+    ctx = multiprocessing.get_context("forkserver")
+    child = Child(ctx, conversion_main, (settings,), name="test-worker")
+    assert child.conn.poll(60), "the worker did not start"
+    assert "ready" in child.conn.recv()
+    yield child.conn
+    child.close(graceful=True)
 
 
-def convert(conn: Any, job: dict[str, Any]) -> dict[str, Any]:
+def convert(conn: Connection, job: dict[str, Any]) -> dict[str, Any]:
     conn.send(job)
     assert conn.poll(120), "no answer from the worker"
     return conn.recv()
 
 
 def test_a_prefetch_window_larger_than_the_memory_limit_leaves_the_decode_budget_whole(
-    worker: Any, tmp_path: Path
+    worker: Connection, tmp_path: Path
 ) -> None:
     window = Window(WINDOW)
     try:
