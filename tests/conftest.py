@@ -45,6 +45,19 @@ def manifest(corpus_dir: Path) -> list[dict[str, str]]:
 # -- the real daemon as a subprocess ---------------------------------------------------
 
 
+def photoscand(*args: str, cwd: Path, env: dict[str, str] | None = None,
+               timeout: float = 120) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """The command line, run the way a user runs it (a one-shot command, not the daemon)."""
+    return subprocess.run(
+        [sys.executable, "-m", "photoscand", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
              message: str = "condition") -> Any:  # fmt: skip
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""

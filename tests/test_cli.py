@@ -6,27 +6,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tests.conftest import CORPUS, named_descendants, wait_for
+from tests.conftest import CORPUS, named_descendants, photoscand, wait_for
 
 GOOD = CORPUS / "cameras" / "Canon_40D.jpg"
 CORRUPT = CORPUS / "bad" / "pillow_truncated_jpeg.jpg"
-
-
-def photoscand(*args: str, cwd: Path, env: dict[str, str] | None = None,
-               timeout: float = 120) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    return subprocess.run(
-        [sys.executable, "-m", "photoscand", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def test_check_config_prints_every_key_its_source_and_the_formats(daemon_factory) -> None:

@@ -6,12 +6,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from tests.conftest import CORPUS, wait_for
+from tests.conftest import CORPUS, photoscand, wait_for
 
 SAMPLES = sorted((CORPUS / "cameras").glob("*.jpg"))[:6]
 
@@ -156,10 +154,7 @@ def test_images_queued_under_an_emptied_root_wait_for_it_instead_of_going_missin
     for name in names:
         daemon.wait_row(daemon.photos / name, status="done")
     assert daemon.stop() == 0
-    retried = subprocess.run(
-        [sys.executable, "-m", "photoscand", "retry", "--all", "--config", str(daemon.config_path)],
-        cwd=daemon.root, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    retried = photoscand("retry", "--all", "--config", str(daemon.config_path), cwd=daemon.root)
     assert retried.returncode == 0, retried.stderr
     assert {r[1] for r in daemon.rows().values()} == {"pending"}
 

@@ -28,7 +28,7 @@ from photoscand.metrics import (
     MetricsServer,
 )
 from photoscand.outcomes import DISK_FULL, REASONS
-from tests.conftest import CORPUS, DaemonProcess, wait_for
+from tests.conftest import CORPUS, DaemonProcess, photoscand, wait_for
 from tests.scrape import free_port, samples, scrape, timed_scrape, value
 
 # DESIGN.md's list ("at least"): name -> its label, or None.
@@ -239,11 +239,8 @@ def test_counters_move_as_a_batch_is_cataloged_converted_and_failed(
     assert (lint.returncode, lint.stdout + lint.stderr) == (0, "")
 
     # `photoscand status` prints the dashboard's figures.
-    status = subprocess.run(
-        [sys.executable, "-m", "photoscand", "status", "--json", "--config",
-         str(daemon.config_path)],
-        capture_output=True, text=True, timeout=30, cwd=tmp_path,
-    )  # fmt: skip
+    status = photoscand("status", "--json", "--config", str(daemon.config_path), cwd=tmp_path,
+                        timeout=30)  # fmt: skip
     assert status.returncode == 0, status.stderr
     data = json.loads(status.stdout)
     body = scrape(port)
