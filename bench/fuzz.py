@@ -1,7 +1,7 @@
 """Coverage-guided fuzzing (atheris/libFuzzer) of phase 1's parser and phase 2's converters.
 
 Targets: ``metadata`` (``photoscand.metadata.read_metadata`` on bytes) and ``convert``
-(``photoscand.converters.convert`` with the Pillow backend). Seeds come from the shared corpus:
+(``photoscand.converters.convert`` with the Pillow backend). Seeds come from tests/corpus:
 every small file whole, and prefixes of the larger ones (truncation is the commonest damage).
 The oracle follows Pillow's fuzzers: a finding is an exception outside the contract (the parser
 may only raise OSError; a conversion may only raise ConversionError), a crash of the process,
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = Path(os.environ.get("PHOTOSCAND_TEST_CORPUS", REPO.parent / "shared" / "corpus"))
+CORPUS = REPO / "tests" / "corpus"
 OUT = REPO / "bench" / "out" / "fuzz"
 TARGETS = ("metadata", "convert")
 

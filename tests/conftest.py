@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# The team's corpus sits beside the repository (../shared/corpus); PHOTOSCAND_TEST_CORPUS
-# points elsewhere when a checkout lives somewhere else.
-CORPUS = Path(os.environ.get("PHOTOSCAND_TEST_CORPUS", REPO.parent / "shared" / "corpus"))
+# The photos the tests use travel with the repository (tests/corpus/README.md says where
+# each one comes from).
+CORPUS = REPO / "tests" / "corpus"
 
 
 def load_manifest() -> list[dict[str, str]]:
@@ -32,7 +32,7 @@ def load_manifest() -> list[dict[str, str]]:
 def corpus_dir() -> Path:
     """The read-only photo corpus; tests that write copy from it into tmp_path."""
     if not (CORPUS / "MANIFEST.csv").is_file():
-        pytest.fail(f"photo corpus not found at {CORPUS} (set PHOTOSCAND_TEST_CORPUS)")
+        pytest.fail(f"photo corpus not found at {CORPUS}")
     return CORPUS
 
 
