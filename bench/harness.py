@@ -33,8 +33,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 OUT_DIR = BENCH_DIR / "out"
 DOC = REPO / "docs" / "benchmarks.md"
-SHARED_TOOLS = REPO.parent / "shared" / "tools"
-CORPUS_TOOL = SHARED_TOOLS / "make-perf-corpus.py"
+CORPUS_SCRIPT = BENCH_DIR / "make_perf_corpus.py"
 VENV_BIN = REPO / ".venv" / "bin"
 PHOTOSCAND = VENV_BIN / "photoscand"
 
@@ -64,16 +63,15 @@ def perf_corpus(
 ) -> Path:
     """Return the folder of a generated perf corpus, generating it once into bench/out/.
 
-    The generator is deterministic, so its arguments name the cache. It writes into a
-    temporary folder that is renamed into place, so an interrupted run never leaves a
-    half corpus that a later run would mistake for a complete one.
+    bench/make_perf_corpus.py makes it from the photos in tests/corpus. It is deterministic,
+    so its arguments name the cache. It writes into a temporary folder that is renamed into
+    place, so an interrupted run never leaves a half corpus that a later run would mistake
+    for a complete one.
     """
     name = f"corpus-n{count}-mp{megapixels:g}-q{quality}-seed{seed}"
     dest = OUT_DIR / name
     if (dest / "perf-manifest.csv").is_file():
         return dest
-    if not CORPUS_TOOL.is_file():
-        raise SystemExit(f"perf corpus generator not found at {CORPUS_TOOL}")
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     tmp = OUT_DIR / f"{name}.tmp-{os.getpid()}"
     log(f"generating the perf corpus {name} (once; cached in {OUT_DIR})")
@@ -81,7 +79,7 @@ def perf_corpus(
         subprocess.run(
             [
                 venv_python(),
-                str(CORPUS_TOOL),
+                str(CORPUS_SCRIPT),
                 str(tmp),
                 *("-n", str(count), "--megapixels", f"{megapixels:g}"),
                 *("--quality", str(quality), "--seed", str(seed), "--jobs", str(NCPU)),
