@@ -77,7 +77,7 @@ def check_metadata(data: bytes) -> str:
         value = getattr(meta, name)
         if value is not None and not isinstance(value, int):
             raise TypeError(f"{name} is {type(value).__name__}, not int")
-    return "error" if meta.error else "ok"
+    return "error" if meta.metadata_error else "ok"
 
 
 class _Converter:
@@ -91,7 +91,7 @@ class _Converter:
 
         ext, payload = split_input(data)
         hint = {"jpg": "jpeg", "tif": "tiff", "heic": "heif", "bin": None}.get(ext, ext)
-        spec = converters.ThumbnailSpec(
+        spec = converters.ThumbnailSettings(
             sizes=(128,), format="jpeg", quality=70, out_dir=self.out_dir, max_pixels=MAX_PIXELS
         )
         try:

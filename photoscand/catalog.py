@@ -16,6 +16,8 @@ memory and replayed by :meth:`Catalog.resume` once space returns, so no row is l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import operator
 import os
 import sqlite3
 import time
@@ -25,17 +27,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from photoscand.outcomes import STATUSES, retry_delay
+from photoscand.protocol import PhotoMetadata, ThumbnailFile
+
 APPLICATION_ID = 0x50534344  # "PSCD": identifies the file as a photoscand catalog
 SCHEMA_VERSION = 2
 
-STATUSES = ("pending", "converting", "done", "failed", "missing")
-
-# Metadata columns filled by phase 1 (DESIGN.md "Catalog").
-META_COLUMNS = (
-    "format", "width", "height", "orientation", "taken_at", "make", "model", "lens", "iso",
-    "exposure_time", "f_number", "focal_length", "gps_lat", "gps_lon", "gps_alt", "exif",
-    "metadata_error", "disk_offset",
-)  # fmt: skip
+# Metadata columns filled by phase 1: the fields of PhotoMetadata, in its order.
+META_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PhotoMetadata))
+_meta_values = operator.attrgetter(*META_COLUMNS)
 
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: (
@@ -422,31 +422,32 @@ class Catalog:
         ).fetchone()[0]
 
     def add_image(
-        self, st: FileStat, meta: Mapping[str, Any], now: float, *, known: bool = False
+        self, st: FileStat, meta: PhotoMetadata, now: float, *, known: bool = False
     ) -> int | None:
         """Insert a new photo as ``pending``, or start a known path's row over (``known``:
         the file changed; its old thumbnails no longer describe it)."""
-        return self._write(self._op_upsert, st, dict(meta), now, known)
+        return self._write(self._op_upsert, st, meta, now, known)
 
-    def _op_upsert(self, st: FileStat, meta: dict[str, Any], now: float, known: bool) -> int:
+    def _op_upsert(self, st: FileStat, meta: PhotoMetadata, now: float, known: bool) -> int:
         values = [st.path, display_of(st.path), st.size, st.mtime_ns, st.dev, st.ino, "pending",
                   0, None, now, None, None, None, 0, utc_now_iso(now),
-                  *[meta.get(c) for c in META_COLUMNS]]  # fmt: skip
+                  *_meta_values(meta)]  # fmt: skip
         image_id = int(self._conn.execute(_UPSERT, values).fetchone()[0])
         if known:
             self._conn.execute("DELETE FROM thumbnails WHERE image_id = ?", (image_id,))
         return image_id
 
-    def update_metadata(self, image_id: int, meta: Mapping[str, Any]) -> None:
+    def update_metadata(self, image_id: int, meta: PhotoMetadata) -> None:
         """Fill in a row's metadata (prefetch mode parses it from the bytes it read)."""
-        self._write(self._op_update_metadata, image_id, dict(meta))
+        if meta.exif is None and meta.metadata_error is None:
+            meta = dataclasses.replace(meta, exif="{}")  # parsed: never "still to read" again
+        self._write(self._op_update_metadata, image_id, meta)
 
-    def _op_update_metadata(self, image_id: int, meta: dict[str, Any]) -> None:
-        columns = [c for c in META_COLUMNS if c != "disk_offset" or meta.get(c) is not None]
+    def _op_update_metadata(self, image_id: int, meta: PhotoMetadata) -> None:
+        # The row keeps the place on disk it was given when the metadata does not say one.
+        columns = [c for c in META_COLUMNS if c != "disk_offset" or meta.disk_offset is not None]
         assignments = ", ".join(f"{c} = ?" for c in columns)
-        values = [meta.get(c) for c in columns]
-        if meta.get("exif") is None and meta.get("metadata_error") is None:
-            values[columns.index("exif")] = "{}"  # parsed: never "still to read" again
+        values = [getattr(meta, c) for c in columns]
         self._conn.execute(f"UPDATE images SET {assignments} WHERE id = ?", (*values, image_id))
 
     def restore(self, image_id: int, st: FileStat) -> None:
@@ -627,17 +628,13 @@ class Catalog:
         return row[0] if row else None
 
     def record_done(
-        self,
-        image_id: int,
-        content_hash: str,
-        thumbnails: Iterable[tuple[int, str, int, int]],
-        now: float,
+        self, image_id: int, content_hash: str, thumbnails: Iterable[ThumbnailFile], now: float
     ) -> None:
         """A conversion succeeded: the row is ``done`` and lists its thumbnails."""
         self._write(self._op_done, image_id, content_hash, list(thumbnails), now)
 
     def _op_done(
-        self, image_id: int, content_hash: str, thumbs: list[tuple[int, str, int, int]], now: float
+        self, image_id: int, content_hash: str, thumbnails: list[ThumbnailFile], now: float
     ) -> None:
         cur = self._conn.execute(
             "UPDATE images SET status = 'done', content_hash = ?, converted_at = ?, error = NULL,"
@@ -651,7 +648,7 @@ class Catalog:
         self._conn.execute("DELETE FROM thumbnails WHERE image_id = ?", (image_id,))
         self._conn.executemany(
             "INSERT INTO thumbnails (image_id, size, path, width, height) VALUES (?, ?, ?, ?, ?)",
-            [(image_id, size, path, w, h) for size, path, w, h in thumbs],
+            [(image_id, t.size, t.path, t.width, t.height) for t in thumbnails],
         )
 
     def record_failure(
@@ -679,7 +676,7 @@ class Catalog:
             return
         attempts = row[0] + 1
         if transient and attempts < max_attempts:
-            retry_at = now + backoff * (2 ** (attempts - 1))
+            retry_at = now + retry_delay(backoff, attempts)
             self._conn.execute(
                 "UPDATE images SET status = 'pending', attempts = ?, retry_at = ?, error = ?"
                 " WHERE id = ?",

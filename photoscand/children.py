@@ -21,6 +21,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from typing import Any
 
+from photoscand.protocol import STOP
+
 # What the fork server imports once for every child: the metadata parser and the converters.
 PRELOAD = ["photoscand.worker", "photoscand.metadata", "photoscand.converters"]
 
@@ -44,6 +46,11 @@ def start_fork_server() -> BaseContext:
     ctx.set_forkserver_preload(PRELOAD)
     multiprocessing.forkserver.ensure_running()
     return ctx
+
+
+# How the daemon starts a child: (entry point, its arguments after the pipe, process name).
+# ``functools.partial(Child, ctx)`` in the daemon; tests hand in fakes.
+StartChild = Callable[[Callable[..., None], tuple[Any, ...], str], "Child"]
 
 
 class ChildStartError(Exception):
@@ -95,7 +102,7 @@ class Child:
         """Stop the child (politely first when ``graceful``) and reap it."""
         if graceful and self.alive():
             with contextlib.suppress(OSError, ValueError):
-                self.conn.send(None)
+                self.conn.send(STOP)
             self.process.join(timeout=2)
         if self.alive():
             self.kill()

@@ -7,9 +7,6 @@ configuration or catalog error; 3 the catalog is locked by another photoscand.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
-import fcntl
 import json
 import os
 import sys
@@ -17,11 +14,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from photoscand import __version__
+from photoscand import __version__, exitcodes
 from photoscand.catalog import Catalog, CatalogError
 from photoscand.children import start_fork_server
 from photoscand.config import Config, ConfigError, describe, load_config
+from photoscand.lock import CatalogLocked, daemon_pid
 from photoscand.outcomes import split_error
+from photoscand.progress import progress_line
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,8 +86,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("run", "scan"):
         # The fork server imports the worker code while this process imports the daemon.
         start_fork_server()
-    from photoscand.daemon import EXIT_LOCKED, EXIT_USAGE, CatalogLocked
-
     try:
         if args.command in ("run", "scan"):
             return _run(args)
@@ -99,18 +96,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check_config(args)
     except ConfigError as exc:
         _error("configuration error:\n  " + str(exc).replace("\n", "\n  "))
-        return EXIT_USAGE
+        return exitcodes.USAGE
     except CatalogError as exc:
         _error(str(exc))
-        return EXIT_USAGE
+        return exitcodes.USAGE
     except CatalogLocked as exc:
         _error(str(exc))
-        return EXIT_LOCKED
+        return exitcodes.LOCKED
     except KeyboardInterrupt:
         return 130
 
 
 def _run(args: argparse.Namespace) -> int:
+    # Imported here: the fork server was started first, so its imports overlap these.
     from photoscand import log as log_module
     from photoscand.daemon import Daemon
 
@@ -129,30 +127,6 @@ def _run(args: argparse.Namespace) -> int:
     return daemon.run()
 
 
-def daemon_pid(catalog_path: str) -> int | None:
-    """The pid of the daemon holding the catalog's lock, or None when none runs.
-
-    A shared lock attempt on ``<catalog>.lock`` (readable by the catalog's group) fails
-    exactly while a ``run`` or ``scan`` holds its exclusive lock.
-    """
-    try:
-        fd = os.open(catalog_path + ".lock", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return None
-            with contextlib.suppress(ValueError, OSError):
-                return int(os.read(fd, 32).split()[0])
-            return 0  # running; its pid is unreadable
-        return None
-    finally:
-        os.close(fd)
-
-
 def status_data(catalog: Catalog, roots: Sequence[str], failures: int) -> dict[str, Any]:
     """What ``photoscand status`` reports, as plain data.
 
@@ -160,8 +134,6 @@ def status_data(catalog: Catalog, roots: Sequence[str], failures: int) -> dict[s
     docs/operations.md): counts per state (photoscand_images), phase 2 progress, the
     conversion rate over 5 minutes, the oldest waiting image and failed rows by reason.
     """
-    from photoscand.daemon import progress_line
-
     counts = catalog.counts()
     now = time.time()
     rates = catalog.converted_since(
@@ -195,12 +167,10 @@ def status_data(catalog: Catalog, roots: Sequence[str], failures: int) -> dict[s
 
 
 def _status(args: argparse.Namespace) -> int:
-    from photoscand.daemon import EXIT_USAGE
-
     config = _load(args, check_paths=False)
     if not os.path.exists(config.catalog.path):
         _error(f"no catalog yet at {config.catalog.path} (has `photoscand run` been started?)")
-        return EXIT_USAGE
+        return exitcodes.USAGE
     catalog = Catalog(config.catalog.path, readonly=True)
     try:
         data = status_data(catalog, config.watch.paths, args.failures)

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from photoscand.protocol import ThumbnailSettings
+
 ENV_PREFIX = "PHOTOSCAND_"
 # Another name for workers.count, shared with other image tools; PHOTOSCAND_WORKERS_COUNT wins.
 WORKERS_COUNT_ALIAS = "IMAGE_WORKER_CONCURRENCY"
@@ -31,6 +33,10 @@ NETWORK_FILESYSTEMS: frozenset[str] = frozenset(
     "orangefs pvfs2 sshfs fuse.sshfs fuse.glusterfs fuse.ceph fuse.cephfs fuse.s3fs "
     "fuse.rclone fuse.gcsfuse fuse.juicefs fuse.davfs2 davfs".split()
 )
+
+# Phase 2 is background work: phase 1 (a row the moment a file lands) should win the CPU
+# when both want it.
+WORKER_NICENESS = 5
 
 # Read at call time (not import time) so tests can point it at a sample.
 MOUNTINFO_PATH = "/proc/self/mountinfo"
@@ -115,6 +121,19 @@ class Config:
     file: str | None = field(default=None, compare=False)
     # "workers.count" -> "default" | "file /abs/config.yaml" | "env NAME" | "flag --workers"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def thumbnail_settings(self) -> ThumbnailSettings:
+        """What the workers make and how, as the one value that travels to them."""
+        return ThumbnailSettings(
+            sizes=self.thumbnails.sizes,
+            format=self.thumbnails.format,
+            quality=self.thumbnails.quality,
+            out_dir=self.thumbnails.dir,
+            max_pixels=self.workers.max_pixels,
+            backend=self.workers.backend,
+            memory_limit_mb=self.workers.memory_limit_mb,
+            nice=WORKER_NICENESS,
+        )
 
 
 SECTIONS: dict[str, type] = {
@@ -965,6 +984,11 @@ def network_mount(path: str, mountinfo: str | None = None) -> Mount | None:
 
 def _value(config: Config, key: Key) -> object:
     return getattr(getattr(config, key.section), key.key)
+
+
+def changed_keys(old: Config, new: Config, names: Iterable[str]) -> list[str]:
+    """The keys among ``names`` whose values differ between two configs."""
+    return [name for name in names if _value(old, KEYS[name]) != _value(new, KEYS[name])]
 
 
 def describe(config: Config) -> str:

@@ -16,19 +16,28 @@ import errno
 import math
 import os
 import stat
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing.context import BaseContext
 from typing import Any
 
 from photoscand import formats, outcomes
 from photoscand.catalog import Catalog, FileStat, Known
-from photoscand.children import Child, ChildStartError, describe_exit, restart_delay
+from photoscand.children import Child, ChildStartError, StartChild, describe_exit, restart_delay
+from photoscand.clock import Clock
+from photoscand.config import WatchConfig
 from photoscand.log import display_path, get_logger
 from photoscand.metadata import physical_offset
 from photoscand.metrics import Metrics
+from photoscand.protocol import (
+    MetadataAnswer,
+    MetadataRequest,
+    NotAPhoto,
+    Parsed,
+    PhotoMetadata,
+    SharedBytes,
+    Unreadable,
+)
 from photoscand.scanner import relative_parts_ignored
 from photoscand.worker import metadata_main
 
@@ -48,7 +57,7 @@ class _Candidate:
     suspected: bool = False  # the parser died or hung on it once already
     # Filling in an existing row's metadata (prefetch mode, from the bytes it read):
     image_id: int | None = None
-    shm: tuple[str, int, int, bool] | None = None
+    shared: SharedBytes | None = None
     on_done: Callable[[], None] | None = None
 
 
@@ -67,32 +76,32 @@ class Ingest:
     Args:
         catalog: the daemon's read-write catalog (this runs on its writer thread).
         roots: the watched roots (bytes), to ignore paths outside them.
-        ctx: the multiprocessing context children are started with.
-        settle_seconds: how long a created-but-not-closed file must hold still.
-        metadata_timeout: seconds one file may take in the metadata process.
+        start_child: starts the metadata process.
+        watch: the ``watch`` settings: how long a created-but-not-closed file must hold
+            still, and how long one file may take in the metadata process.
         metrics: where counts and durations go.
-        on_row: called after a row was added or refreshed (wakes phase 2).
+        clock: the monotonic clock that parser timeouts are measured on.
+        deferred: prefetch mode: rows are written from a stat alone (see parse_loaded).
     """
 
     def __init__(
         self,
         catalog: Catalog,
         roots: Sequence[bytes],
-        ctx: BaseContext,
+        start_child: StartChild,
+        watch: WatchConfig,
         *,
-        settle_seconds: float,
-        metadata_timeout: float,
         metrics: Metrics,
-        on_row: Callable[[], None] = lambda: None,
+        clock: Clock,
         deferred: bool = False,
     ) -> None:
         self.catalog = catalog
         self.roots = tuple(roots)
-        self.ctx = ctx
-        self.settle_seconds = settle_seconds
-        self.metadata_timeout = metadata_timeout
+        self.start_child = start_child
+        self.settle_seconds = watch.settle_seconds
+        self.metadata_timeout = watch.metadata_timeout_seconds
         self.metrics = metrics
-        self.on_row = on_row
+        self.clock = clock
         self.log = get_logger("ingest")
         self._settling: dict[bytes, _Settling] = {}
         # When the settling files are looked at next: at the earliest moment one of them can
@@ -114,8 +123,9 @@ class Ingest:
         self._child: Child | None = None
         self._child_failures = 0
         self._restart_after = 0.0
-        self._last_answer = time.monotonic()
-        self.pending_delays: list[float] = []  # completion times of rows in the open batch
+        self._last_answer = clock.monotonic()
+        self._delays: list[float] = []  # completion times of the rows in the open batch
+        self._rows_written = 0  # since the loop last asked (take_rows_written)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -124,19 +134,24 @@ class Ingest:
 
     def _spawn(self) -> None:
         try:
-            self._child = Child(self.ctx, metadata_main, (), name="photoscand-metadata")
+            self._child = self.start_child(metadata_main, (), "photoscand-metadata")
         except ChildStartError as exc:
             self._child = None
             self._child_failures += 1
-            self._restart_after = time.monotonic() + restart_delay(0.25, self._child_failures)
+            self._restart_after = self.clock.monotonic() + restart_delay(0.25, self._child_failures)
             self.log.error("metadata parser could not be started; trying again", error=str(exc))
             return
-        self._last_answer = time.monotonic()
+        self._last_answer = self.clock.monotonic()
 
     def stop(self) -> None:
         child, self._child = self._child, None
         if child is not None:
             child.close(graceful=True)
+
+    def reconfigure(self, watch: WatchConfig) -> None:
+        """Apply a reloaded config (the roots change through :attr:`roots`)."""
+        self.settle_seconds = watch.settle_seconds
+        self.metadata_timeout = watch.metadata_timeout_seconds
 
     def wait_objects(self) -> list[Any]:
         if self._child is None:
@@ -154,6 +169,17 @@ class Ingest:
 
     def depths(self) -> dict[str, int]:
         return {"settle": len(self._settling), "metadata": len(self._ready) + len(self._line)}
+
+    def take_rows_written(self) -> int:
+        """Rows added or refreshed since the last call (phase 2 may have new work)."""
+        count, self._rows_written = self._rows_written, 0
+        return count
+
+    def committed(self, now: float) -> None:
+        """The open batch was committed at ``now``: how long each of its files waited."""
+        for completed_at in self._delays:
+            self.metrics.ingest_delay.observe(max(0.0, now - completed_at))
+        self._delays.clear()
 
     def next_deadline(self, now: float) -> float | None:
         """When the loop must wake for phase 1 (settle checks, parser timeout)."""
@@ -209,14 +235,21 @@ class Ingest:
         self,
         image_id: int,
         path: bytes,
-        shm: tuple[str, int, int, bool] | None,
+        shared: SharedBytes | None,
         on_done: Callable[[], None] | None = None,
     ) -> None:
-        """Read an existing row's metadata: from the prefetcher's bytes (``shm``), or
-        from the file when ``shm`` is None. ``on_done`` runs once the parser is done
+        """Read an existing row's metadata: from the prefetcher's bytes (``shared``), or
+        from the file when ``shared`` is None. ``on_done`` runs once the parser is done
         with the bytes (answered, timed out or died)."""
-        candidate = _Candidate(path, "prefetch", "", time.monotonic(), image_id=image_id,
-                               shm=shm, on_done=on_done)  # fmt: skip
+        candidate = _Candidate(
+            path,
+            "prefetch",
+            "",
+            self.clock.monotonic(),
+            image_id=image_id,
+            shared=shared,
+            on_done=on_done,
+        )
         self._ready.appendleft(candidate)
 
     def _row_from_stat(self, candidate: _Candidate) -> None:
@@ -243,7 +276,9 @@ class Ingest:
         if fmt is None:
             self.metrics.files_ignored.inc()
             return
-        self._write_row(candidate, FileStat.of(path, st), {"format": fmt, "disk_offset": offset})
+        # exif None: the metadata is still to be read, from the bytes the reader brings.
+        metadata = PhotoMetadata(format=fmt, exif=None, disk_offset=offset)
+        self._write_row(candidate, FileStat.of(path, st), metadata)
 
     def forget(self, path: bytes) -> None:
         """A file was deleted before it settled."""
@@ -345,13 +380,14 @@ class Ingest:
                 continue
             self._seq += 1
             try:
-                child.conn.send((self._seq, candidate.path, candidate.shm))
+                child.conn.send(MetadataRequest(self._seq, candidate.path, candidate.shared))
             except OSError:
                 self._ready.appendleft(candidate)
                 return  # the sentinel will report the death
+            now = self.clock.monotonic()
             if not self._line:
-                self._last_answer = time.monotonic()
-            self._line.append((self._seq, candidate, time.monotonic()))
+                self._last_answer = now
+            self._line.append((self._seq, candidate, now))
             if fresh:
                 self._in_flight[candidate.path] = candidate
 
@@ -371,17 +407,17 @@ class Ingest:
             try:
                 if not child.conn.poll():
                     return
-                seq, kind, payload, seconds = child.conn.recv()
+                answer: MetadataAnswer = child.conn.recv()
             except (EOFError, OSError):
                 return
-            if not self._line or self._line[0][0] != seq:
+            if not self._line or self._line[0][0] != answer.seq:
                 continue  # an answer for a request given up on (timeout)
             _, candidate, _sent_at = self._line.popleft()
-            self._last_answer = time.monotonic()
+            self._last_answer = self.clock.monotonic()
             self._child_failures = 0
-            self.metrics.metadata_duration.observe(seconds)
+            self.metrics.metadata_duration.observe(answer.seconds)
             self._unlist(candidate)
-            self._answer(candidate, kind, payload)
+            self._answer(candidate, answer.outcome)
             self._feed()
 
     def _unlist(self, candidate: _Candidate) -> None:
@@ -390,43 +426,45 @@ class Ingest:
         elif candidate.on_done is not None:
             candidate.on_done()
 
-    def _answer(self, candidate: _Candidate, kind: str, payload: Any) -> None:
+    def _answer(self, candidate: _Candidate, outcome: Parsed | NotAPhoto | Unreadable) -> None:
         path = candidate.path
         if candidate.image_id is not None:
-            self._answer_existing(candidate, kind, payload)
+            self._answer_existing(candidate.image_id, outcome)
             return
-        if kind == "meta":
-            (size, mtime_ns, dev, ino), columns = payload
-            if columns.get("metadata_error"):
+        if isinstance(outcome, Parsed):
+            assert outcome.identity is not None  # read from the file, not from memory
+            if outcome.metadata.metadata_error:
                 self.metrics.metadata_problems.labels("unreadable_exif").inc()
-            self._write_row(candidate, FileStat(path, size, mtime_ns, dev, ino), columns)
-        elif kind == "skip":
+            identity = outcome.identity
+            st = FileStat(path, identity.size, identity.mtime_ns, identity.dev, identity.ino)
+            self._write_row(candidate, st, outcome.metadata)
+        elif isinstance(outcome, NotAPhoto):
             self.metrics.files_ignored.inc()
+        elif outcome.errno_name == "ENOENT":
+            self.catalog.mark_missing(path, "the file was deleted")
+        elif formats.has_photo_extension(path):
+            reason = outcomes.PERMISSION if outcome.errno_name == "EACCES" else outcomes.IO_ERROR
+            self._row_without_metadata(candidate, outcomes.format_error(reason, outcome.message))
         else:
-            errno_name, message = payload
-            if errno_name == "ENOENT":
-                self.catalog.mark_missing(path, "the file was deleted")
-            elif formats.has_photo_extension(path):
-                reason = outcomes.PERMISSION if errno_name == "EACCES" else outcomes.IO_ERROR
-                self._row_without_metadata(candidate, outcomes.format_error(reason, message))
-            else:
-                self.log.debug("cannot read", path=display_path(path), error=message)
+            self.log.debug("cannot read", path=display_path(path), error=outcome.message)
         if candidate.again:
-            self.complete(path, candidate.source, time.monotonic(), candidate.walk_reason)
+            self.complete(path, candidate.source, self.clock.monotonic(), candidate.walk_reason)
 
-    def _answer_existing(self, candidate: _Candidate, kind: str, payload: Any) -> None:
-        assert candidate.image_id is not None
-        if kind == "meta":
-            columns = payload[1]
-            if columns.get("metadata_error"):
+    def _answer_existing(self, image_id: int, outcome: Parsed | NotAPhoto | Unreadable) -> None:
+        if isinstance(outcome, Parsed):
+            metadata = outcome.metadata
+            if metadata.metadata_error:
                 self.metrics.metadata_problems.labels("unreadable_exif").inc()
-        elif kind == "skip":
-            columns = {"metadata_error": outcomes.format_error(outcomes.CORRUPT, payload)}
+        elif isinstance(outcome, NotAPhoto):
+            metadata = PhotoMetadata(
+                exif=None, metadata_error=outcomes.format_error(outcomes.CORRUPT, outcome.why)
+            )
         else:
-            errno_name, message = payload
-            reason = outcomes.PERMISSION if errno_name == "EACCES" else outcomes.IO_ERROR
-            columns = {"metadata_error": outcomes.format_error(reason, message)}
-        self.catalog.update_metadata(candidate.image_id, columns)
+            reason = outcomes.PERMISSION if outcome.errno_name == "EACCES" else outcomes.IO_ERROR
+            metadata = PhotoMetadata(
+                exif=None, metadata_error=outcomes.format_error(reason, outcome.message)
+            )
+        self.catalog.update_metadata(image_id, metadata)
 
     def _row_without_metadata(self, candidate: _Candidate, problem: str) -> None:
         """A photo whose metadata could not be read still gets its row (it stays pending)."""
@@ -441,21 +479,23 @@ class Ingest:
                 head = os.read(fd, formats.SNIFF_BYTES)
             finally:
                 os.close(fd)
-        columns = {"format": formats.detect_format(candidate.path, head), "metadata_error": problem}
-        self._write_row(candidate, FileStat.of(candidate.path, st), columns)
+        metadata = PhotoMetadata(
+            format=formats.detect_format(candidate.path, head), exif=None, metadata_error=problem
+        )
+        self._write_row(candidate, FileStat.of(candidate.path, st), metadata)
 
-    def _write_row(self, candidate: _Candidate, st: FileStat, columns: dict[str, Any]) -> None:
-        now = time.time()
-        self.catalog.add_image(st, columns, now, known=candidate.known_id is not None)
-        action = "changed" if candidate.known_id is not None else "new"
-        self._row_written(candidate, action)
-        if columns.get("metadata_error"):
+    def _write_row(self, candidate: _Candidate, st: FileStat, metadata: PhotoMetadata) -> None:
+        known = candidate.known_id is not None
+        self.catalog.add_image(st, metadata, self.clock.wall(), known=known)
+        self._row_written(candidate, "changed" if known else "new")
+        if metadata.metadata_error:
             self.log.warning(
-                "metadata unreadable", path=display_path(st.path), problem=columns["metadata_error"]
+                "metadata unreadable", path=display_path(st.path), problem=metadata.metadata_error
             )
 
     def _row_written(self, candidate: _Candidate, action: str) -> None:
-        self.pending_delays.append(candidate.completed_at)
+        self._delays.append(candidate.completed_at)
+        self._rows_written += 1
         if action in ("new", "changed"):
             self.metrics.files_discovered.labels(candidate.source).inc()
             # Walks of folders just (re)added find files no event could have announced.
@@ -466,7 +506,6 @@ class Ingest:
             ):
                 self.metrics.walk_unannounced_files.inc()
         self.log.debug("ingested", path=display_path(candidate.path), action=action)
-        self.on_row()
 
     def _check_parser(self, now: float) -> None:
         child = self._child
@@ -515,7 +554,9 @@ class Ingest:
             return
         self._unlist(candidate)
         if candidate.image_id is not None:
-            self.catalog.update_metadata(candidate.image_id, {"metadata_error": problem})
+            self.catalog.update_metadata(
+                candidate.image_id, PhotoMetadata(exif=None, metadata_error=problem)
+            )
         else:
             self._row_without_metadata(candidate, problem)
         self._ready.extendleft(reversed(rest))
@@ -526,4 +567,4 @@ class Ingest:
         self._child_failures += 1
         # A parser that keeps dying at start-up must not spin the CPU.
         delay = 0.0 if self._child_failures <= 1 else restart_delay(0.5, self._child_failures)
-        self._restart_after = time.monotonic() + delay
+        self._restart_after = self.clock.monotonic() + delay

@@ -2,8 +2,8 @@
 that hold them.
 
 The input is hostile (truncated, fuzzed, lying about its own offsets): every parse problem becomes
-data in ``Metadata.error`` and only an ``OSError`` (cannot open or read the file) escapes; loops
-are bounded, and the caller runs this in a killable process for whatever is left.
+data in ``PhotoMetadata.metadata_error`` and only an ``OSError`` (cannot open or read the file)
+escapes; loops are bounded, and the caller runs this in a killable process for whatever is left.
 
 Which value wins where a file holds several:
 
@@ -55,7 +55,7 @@ import stat
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import replace
 from datetime import UTC, datetime
 from fractions import Fraction
 from typing import BinaryIO
@@ -68,9 +68,10 @@ from exifread.tags.fields import FIELD_DEFINITIONS, FieldType
 
 from photoscand.formats import RAW_FORMATS, SNIFF_BYTES, detect_format, sniff_format
 from photoscand.outcomes import CORRUPT, TRUNCATED, UNSUPPORTED, format_error
+from photoscand.protocol import PhotoMetadata
 
 # exifread logs a warning for every odd field it meets; on hostile input that is a flood on the
-# metadata process's stderr, and every such problem already ends up in Metadata.error.
+# metadata process's stderr, and every such problem already ends up in PhotoMetadata.metadata_error.
 logging.getLogger("exifread").setLevel(logging.ERROR)
 
 HEAD_BYTES = 64 * 1024  # one read covers the header and EXIF of nearly every JPEG
@@ -124,36 +125,12 @@ _FIEMAP_EXTENT_UNKNOWN = 0x2  # no block allocated yet (delayed allocation): no 
 _FIEMAP_EXTENT_DELALLOC = 0x4
 
 
-@dataclass(slots=True)
-class Metadata:
-    """What phase 1 learns about one photo; the catalog row's metadata columns."""
-
-    format: str | None = None
-    width: int | None = None
-    height: int | None = None
-    orientation: int | None = None
-    taken_at: str | None = None
-    make: str | None = None
-    model: str | None = None
-    lens: str | None = None
-    iso: int | None = None
-    exposure_time: float | None = None
-    f_number: float | None = None
-    focal_length: float | None = None
-    gps_lat: float | None = None
-    gps_lon: float | None = None
-    gps_alt: float | None = None
-    exif: str = "{}"
-    error: str | None = None
-    disk_offset: int | None = None
-
-
-def read_metadata(path: bytes, data: bytes | memoryview | None = None) -> Metadata | None:
+def read_metadata(path: bytes, data: bytes | memoryview | None = None) -> PhotoMetadata | None:
     """The metadata of the photo at ``path``, or None when the file is not a photo.
 
     ``data`` holds the file's bytes when they are already in memory (prefetch mode); the file
     is then not opened and ``disk_offset`` stays None. Raises OSError only when the file cannot
-    be opened or read; problems inside the file end up in ``Metadata.error``.
+    be opened or read; problems inside the file end up in ``metadata_error``.
     """
     if data is not None:
         mem = memoryview(data).cast("B")
@@ -171,9 +148,7 @@ def read_metadata(path: bytes, data: bytes | memoryview | None = None) -> Metada
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", path)
         md = _read(path, _Source(fd, None, st.st_size))
-        if md is not None:
-            md.disk_offset = physical_offset(fd)
-        return md
+        return None if md is None else replace(md, disk_offset=physical_offset(fd))
     finally:
         os.close(fd)
 
@@ -344,7 +319,7 @@ class _Parse:
         self.width, self.height = width, height
 
 
-def _read(path: bytes, src: _Source) -> Metadata | None:
+def _read(path: bytes, src: _Source) -> PhotoMetadata | None:
     head = src.read(0, SNIFF_BYTES)
     fmt = detect_format(path, head)
     if fmt is None:
@@ -1485,43 +1460,62 @@ def _xmp_degrees(text: str | None, limit: float) -> float | None:
     return -degrees if m.group(4) in "SW" else degrees
 
 
-def _finish(p: _Parse) -> Metadata:
+def _finish(p: _Parse) -> PhotoMetadata:
     tags = p.tags
-    md = Metadata(format=p.fmt, width=p.width, height=p.height)
     orientation = _tag_int(tags, "Image Orientation")
     if orientation is None and "Image Orientation" in p.extra:
         orientation = int(p.extra["Image Orientation"])
     if orientation is not None and not 1 <= orientation <= 8:
         orientation = None
-    md.taken_at = _taken_at(tags, p.extra)
-    md.make = _tag_text(tags, "Image Make") or p.extra.get("CIFF Make") or None
-    md.model = _tag_text(tags, "Image Model") or p.extra.get("CIFF Model") or None
+    taken_at = _taken_at(tags, p.extra)
+    make = _tag_text(tags, "Image Make") or p.extra.get("CIFF Make") or None
+    model = _tag_text(tags, "Image Model") or p.extra.get("CIFF Model") or None
     latitude = _gps_degrees(tags, "Latitude", 90.0)
     longitude = _gps_degrees(tags, "Longitude", 180.0)
     if p.xmp:
         missing = {
             "orientation": orientation,
-            "taken_at": md.taken_at,
-            "make": md.make,
-            "model": md.model,
+            "taken_at": taken_at,
+            "make": make,
+            "model": model,
             "gps_lat": latitude,
             "gps_lon": longitude,
         }
         xmp = _xmp(p, [key for key, value in missing.items() if value is None])
         if orientation is None and xmp.get("orientation") in _ORIENTATIONS:
             orientation = int(xmp["orientation"])
-        md.taken_at = md.taken_at or _parse_date(xmp.get("taken_at"), None)
-        md.make = md.make or xmp.get("make") or None
-        md.model = md.model or xmp.get("model") or None
+        taken_at = taken_at or _parse_date(xmp.get("taken_at"), None)
+        make = make or xmp.get("make") or None
+        model = model or xmp.get("model") or None
         if latitude is None or longitude is None:
             latitude = _xmp_degrees(xmp.get("gps_lat"), 90.0)
             longitude = _xmp_degrees(xmp.get("gps_lon"), 180.0)
     if orientation is not None and p.fmt in ("heif", "avif"):
         orientation = 1
-    md.orientation = orientation
-    if latitude is not None and longitude is not None:
-        md.gps_lat, md.gps_lon = latitude, longitude
-    md.lens = _tag_text(tags, "EXIF LensModel")
+    if latitude is None or longitude is None:
+        latitude = longitude = None
+    return PhotoMetadata(
+        format=p.fmt,
+        width=p.width,
+        height=p.height,
+        orientation=orientation,
+        taken_at=taken_at,
+        make=make,
+        model=model,
+        lens=_tag_text(tags, "EXIF LensModel"),
+        iso=_iso(tags),
+        exposure_time=_exposure_time(tags),
+        f_number=_f_number(tags),
+        focal_length=_positive(_tag_number(tags, "EXIF FocalLength")),
+        gps_lat=latitude,
+        gps_lon=longitude,
+        gps_alt=_gps_altitude(tags),
+        exif=_exif_json(tags, p.extra),
+        metadata_error=_problem_text(p),
+    )
+
+
+def _iso(tags: dict[str, object]) -> int | None:
     iso = _tag_int(tags, "EXIF ISOSpeedRatings")
     if iso == 65535 or iso is None:
         iso = (
@@ -1529,28 +1523,39 @@ def _finish(p: _Parse) -> Metadata:
             or _tag_int(tags, "EXIF ISOSpeed")
             or iso
         )
-    md.iso = iso if iso else None
+    return iso if iso else None
+
+
+def _exposure_time(tags: dict[str, object]) -> float | None:
     exposure = _positive(_tag_number(tags, "EXIF ExposureTime"))
     if exposure is None:
         apex = _tag_number(tags, "EXIF ShutterSpeedValue")
         exposure = 2.0**-apex if apex is not None and abs(apex) < 64 else None
-    md.exposure_time = exposure
+    return exposure
+
+
+def _f_number(tags: dict[str, object]) -> float | None:
     f_number = _positive(_tag_number(tags, "EXIF FNumber"))
     if f_number is None:
         apex = _tag_number(tags, "EXIF ApertureValue")
         f_number = 2.0 ** (apex / 2) if apex is not None and 0 <= apex < 64 else None
-    md.f_number = f_number
-    md.focal_length = _positive(_tag_number(tags, "EXIF FocalLength"))
+    return f_number
+
+
+def _gps_altitude(tags: dict[str, object]) -> float | None:
     altitude = _tag_number(tags, "GPS GPSAltitude")
-    if altitude is not None:
-        below = _tag_values(tags, "GPS GPSAltitudeRef")
-        md.gps_alt = -altitude if isinstance(below, list) and below[:1] == [1] else altitude
-    md.exif = _exif_json(tags, p.extra)
-    if p.problems:
-        # Messages quote hostile bytes (exception texts, chunk names): keep them printable.
-        message = "; ".join(m[:150] for _, m in p.problems)
-        message = message.encode("ascii", "backslashreplace").decode("ascii")
-        if len(message) > _MAX_MESSAGE:
-            message = message[:_MAX_MESSAGE] + "..."
-        md.error = format_error(p.problems[0][0], message)
-    return md
+    if altitude is None:
+        return None
+    below = _tag_values(tags, "GPS GPSAltitudeRef")
+    return -altitude if isinstance(below, list) and below[:1] == [1] else altitude
+
+
+def _problem_text(p: _Parse) -> str | None:
+    if not p.problems:
+        return None
+    # Messages quote hostile bytes (exception texts, chunk names): keep them printable.
+    message = "; ".join(m[:150] for _, m in p.problems)
+    message = message.encode("ascii", "backslashreplace").decode("ascii")
+    if len(message) > _MAX_MESSAGE:
+        message = message[:_MAX_MESSAGE] + "..."
+    return format_error(p.problems[0][0], message)

@@ -10,6 +10,7 @@ timestamps rather than ages), and docs/operations.md says what each one means.
 
 from __future__ import annotations
 
+import os
 import platform
 import threading
 from typing import Any
@@ -22,13 +23,13 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
     disable_created_metrics,
+    generate_latest,
     start_http_server,
 )
 
 from photoscand import __version__
-from photoscand.outcomes import DISK_FULL, REASONS, VANISHED
+from photoscand.outcomes import DISK_FULL, REASONS, STATUSES, VANISHED
 
-STATUSES = ("pending", "converting", "done", "failed", "missing")
 DISCOVERY_SOURCES = ("event", "walk")
 CONVERSION_RESULTS = ("done", "failed", "retried", "vanished", "released")
 WORKER_RESTART_REASONS = ("crashed", "timeout", "reload")
@@ -39,6 +40,9 @@ DISK_FULL_LOCATIONS = ("thumbnails", "catalog")
 METADATA_PROBLEMS = ("timeout", "crashed", "unreadable_exif")
 # How the roots are watched: inotify, polling (network filesystems), or none (`scan`).
 WATCH_MODES = ("inotify", "polling", "none")
+# Why a walk ran: at start-up, on its interval, after lost events, a root back, the observer
+# restarted, or a reload changed the roots.
+WALK_REASONS = ("start", "periodic", "overflow", "root", "restart", "reload")
 # Reasons a row can be `failed` with (vanished rows become `missing`, never failed);
 # "other" keeps the label bounded if a row ever carries an unexpected word.
 FAILED_REASONS = (*(r for r in REASONS if r != VANISHED), "other")
@@ -244,6 +248,10 @@ class Metrics:
             "watch.rescan_interval_seconds: the periodic walk's interval (0 = off).",
             registry=r,
         )
+        self.walks = Counter(
+            p + "walks", "Walks of the watched roots that finished, by why they ran.",
+            ["reason"], registry=r,
+        )  # fmt: skip
 
         self._preset()
 
@@ -272,6 +280,8 @@ class Metrics:
             self.failed_images.labels(reason)
         for mode in WATCH_MODES:
             self.watch_mode.labels(mode)
+        for reason in WALK_REASONS:
+            self.walks.labels(reason)
 
     def set_counts(self, counts: dict[str, int]) -> None:
         for status in STATUSES:
@@ -294,6 +304,15 @@ class Metrics:
         for stage, seconds in timings.items():
             if stage in STAGES:
                 self.conversion_stage_seconds.labels(stage).inc(max(seconds, 0.0))
+
+
+def write_textfile(metrics: Metrics, path: str) -> None:
+    """Every metric in Prometheus' text format, written atomically (a collector such as
+    node_exporter's textfile one never reads half a file). Raises OSError."""
+    temp = f"{path}.{os.getpid()}.tmp"
+    with open(temp, "wb") as fh:
+        fh.write(generate_latest(metrics.registry))
+    os.replace(temp, path)
 
 
 class MetricsServer:

@@ -1,10 +1,15 @@
-"""The fixed words that say why an image failed, and which of them are worth a retry.
+"""The image states, the fixed words that say why an image failed, and which failures are
+worth a retry.
 
 A row's ``error`` column is ``"<reason>: <message>"`` with the reason from this list;
-metrics label failures with the same words, so the set must stay bounded.
+metrics label states and failures with the same words, so both sets stay bounded.
+docs/architecture.md shows how an image moves between the states.
 """
 
 from __future__ import annotations
+
+# An image's states: pending -> converting -> done | failed; missing when its file vanished.
+STATUSES: tuple[str, ...] = ("pending", "converting", "done", "failed", "missing")
 
 CORRUPT = "corrupt"  # the bytes are not a valid image of the format they claim
 TRUNCATED = "truncated"  # the image data ends before the picture does
@@ -34,6 +39,12 @@ TRANSIENT: frozenset[str] = frozenset({TIMEOUT, CRASHED, IO_ERROR, PERMISSION})
 # Not an image's fault: ENOSPC on the thumbnail folder. It counts no attempt; phase 2
 # pauses until space returns. Never stored in a row.
 DISK_FULL = "disk_full"
+
+
+def retry_delay(backoff: float, attempts: int) -> float:
+    """How long an image waits after its ``attempts``-th transient failure: ``backoff``
+    seconds after the first, doubling after each one after that."""
+    return backoff * 2 ** (attempts - 1)
 
 
 def format_error(reason: str, message: str) -> str:

@@ -1,4 +1,4 @@
-"""Model C: one sequential reader that feeds the workers from memory (``io.mode: prefetch``).
+"""One sequential reader that feeds the workers from memory (``io.mode: prefetch``).
 
 On a spinning disk, N workers each reading their own file make the head jump between
 files for every chunk. Here one thread reads the claimed files whole, one after another,
@@ -28,11 +28,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from photoscand import outcomes
 from photoscand.catalog import Job
+from photoscand.metrics import Metrics
+from photoscand.protocol import SharedBytes
 
 READ_CHUNK = 8 << 20  # large sequential reads
 
@@ -131,13 +132,12 @@ class Loaded:
     """A claimed job whose bytes are in memory (or whose read failed)."""
 
     job: Job
-    shm: tuple[str, int, int, bool] | None = None  # (path, offset, length, keep mapped)
+    shared: SharedBytes | None = None
     reason: str | None = None  # set when the read failed
     message: str = ""
     users: int = 0  # children still using the bytes
     arena_offset: int | None = None
     own: _Memory | None = None  # a photo larger than the window has its own memory
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Prefetcher(threading.Thread):
@@ -149,7 +149,7 @@ class Prefetcher(threading.Thread):
         metrics: the daemon's metrics (bytes read, read time, waits, window use).
     """
 
-    def __init__(self, window_bytes: int, wake: Callable[[], None], metrics: Any) -> None:
+    def __init__(self, window_bytes: int, wake: Callable[[], None], metrics: Metrics) -> None:
         super().__init__(name="photoscand-prefetch", daemon=True)
         self.arena = Arena(window_bytes)
         self._wake = wake
@@ -199,10 +199,6 @@ class Prefetcher(threading.Thread):
             if self.arena.used + queued_bytes >= self.arena.size:
                 return 0
             return max(0, max(4 * workers, 16) - queued)
-
-    def has_ready(self) -> bool:
-        with self._cond:
-            return bool(self._ready)
 
     def use(self, loaded: Loaded) -> None:
         """A child starts using the bytes (a worker, or the metadata process)."""
@@ -326,13 +322,13 @@ class Prefetcher(threading.Thread):
                     # Larger than the whole window: read alone, once the window is empty.
                     if not self._loaded:
                         own = _Memory(size, "photoscand-prefetch-large")
-                        loaded = Loaded(job, shm=(own.path, 0, size, False), own=own)
+                        loaded = Loaded(job, SharedBytes(own.path, 0, size, False), own=own)
                         break
                 else:
                     offset = self.arena.allocate(size)
                     if offset is not None:
-                        shm = (self.arena.memory.path, offset, size, True)
-                        loaded = Loaded(job, shm=shm, arena_offset=offset)
+                        shared = SharedBytes(self.arena.memory.path, offset, size, True)
+                        loaded = Loaded(job, shared, arena_offset=offset)
                         break
                 self._cond.wait(timeout=1.0)
             self._loaded[job.id] = loaded

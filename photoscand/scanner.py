@@ -53,7 +53,7 @@ class WalkItem:
     """A file the walk found that the catalog does not hold as it is."""
 
     stat: FileStat
-    reason: str  # why the walk ran: "start", "periodic", "overflow", "root", "request"
+    reason: str  # why the walk ran: "start", "periodic", "overflow", "root", ...
     at: float  # monotonic time it was found
 
 
@@ -102,10 +102,12 @@ class RootProblem:
 
 @dataclass(slots=True)
 class WalkDone:
-    """End of one walk."""
+    """End of one walk; ``requests`` is how many requests it answered (queued requests are
+    walked together)."""
 
     reason: str
     roots: tuple[bytes, ...]
+    requests: int = 1
     files: int = 0
     directories: int = 0
     reported: int = 0
@@ -114,6 +116,44 @@ class WalkDone:
 
 
 WalkOutput = WalkItem | Vanished | RootProblem | WalkDone
+
+
+class WalkSchedule:
+    """When the daemon walks: on request (start-up, lost events, a root back, a reload) and
+    every ``interval`` seconds after the last walk ended (0: never periodically).
+
+    Args:
+        walker: the walk thread the requests go to.
+        interval: watch.rescan_interval_seconds (0 in ``scan``).
+    """
+
+    def __init__(self, walker: Walker, interval: float) -> None:
+        self.walker = walker
+        self.interval = interval
+        self.pending = 0  # walks requested and not finished
+        self.walked_once = False
+        self.next_periodic: float | None = None  # monotonic time
+
+    def request(self, reason: str, roots: tuple[bytes, ...] | None = None) -> None:
+        self.pending += 1
+        self.walker.request(reason, roots)
+
+    def set_interval(self, interval: float, now: float) -> None:
+        self.interval = interval
+        self.next_periodic = now + interval if interval > 0 else None
+
+    def finished(self, done: WalkDone, now: float) -> None:
+        """A walk ended; the next periodic one is due an interval from now."""
+        self.pending = max(0, self.pending - done.requests)
+        self.walked_once = True
+        if self.interval > 0:
+            self.next_periodic = now + self.interval
+
+    def tick(self, now: float) -> None:
+        """Request the periodic walk when it is due and no other walk is under way."""
+        if self.next_periodic is not None and now >= self.next_periodic and not self.pending:
+            self.next_periodic = None
+            self.request("periodic")
 
 
 class Walker(threading.Thread):
@@ -169,6 +209,7 @@ class Walker(threading.Thread):
             self.busy.set()
             try:
                 reason, roots = request
+                requests = 1
                 # Coalesce queued requests: one walk answers them all.
                 while True:
                     try:
@@ -179,8 +220,9 @@ class Walker(threading.Thread):
                         self._stop_event.set()
                         break
                     roots = tuple(dict.fromkeys(roots + extra[1]))
+                    requests += 1
                 if not self._stop_event.is_set():
-                    self._walk(reason, roots)
+                    self._walk(reason, roots, requests)
             finally:
                 self.busy.clear()
                 self._wake()
@@ -205,9 +247,9 @@ class Walker(threading.Thread):
                 return None
         return self._catalog
 
-    def _walk(self, reason: str, roots: tuple[bytes, ...]) -> None:
+    def _walk(self, reason: str, roots: tuple[bytes, ...], requests: int) -> None:
         started = time.monotonic()
-        done = WalkDone(reason, roots)
+        done = WalkDone(reason, roots, requests)
         catalog = self._open_catalog()
         for root in roots:
             if self._stop_event.is_set():

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from watchdog.events import (
     DirDeletedEvent,
@@ -102,6 +102,23 @@ class _OverflowLog(logging.Handler):
                 self._on_overflow()
 
 
+@dataclass(frozen=True, slots=True)
+class WatchCheck:
+    """What the daemon's loop must do after a look at the watcher."""
+
+    events_lost: bool  # the queue or the kernel dropped events: walk to catch up
+    observer_restarted: bool  # the observer thread died and was replaced: walk
+    back: tuple[bytes, ...] = ()  # roots watched again (walk them)
+    gone: tuple[bytes, ...] = ()  # roots that went away (report them)
+    dropped: int = 0  # events dropped on the full queue since the last check
+    overflows: int = 0  # kernel queue overflows since the last check
+    watches: int | None = None  # inotify watches held now (None: not inotify, or not looked)
+
+
+# How often the observer and the roots are looked at (events lost are handled at once).
+CHECK_INTERVAL_SECONDS = 2.0
+
+
 @dataclass(slots=True)
 class _Root:
     path: bytes
@@ -142,6 +159,7 @@ class Watcher:
         self.overflows = 0  # kernel queue overflows (read by the daemon)
         self.handler_errors = 0
         self.walk_wanted = threading.Event()  # set when events may have been lost
+        self._checked_at = -math.inf
         self._overflow_log = _OverflowLog(self._overflowed)
         logging.getLogger("watchdog").addHandler(self._overflow_log)
 
@@ -206,6 +224,29 @@ class Watcher:
                 observer.stop()
                 observer.join(timeout=5)
         logging.getLogger("watchdog").removeHandler(self._overflow_log)
+
+    def check(self, now: float) -> WatchCheck | None:
+        """Look at the watcher: at once when events were lost, and every
+        CHECK_INTERVAL_SECONDS for a dead observer (replaced here), roots that went away or
+        came back, and the count of watches. None when there is nothing to look at yet."""
+        lost = self.walk_wanted.is_set()
+        self.walk_wanted.clear()
+        due = now - self._checked_at >= CHECK_INTERVAL_SECONDS
+        if not (lost or due):
+            return None
+        # Incremented by watchdog's thread; a count lost to this race is only a count.
+        dropped, self.dropped = self.dropped, 0
+        overflows, self.overflows = self.overflows, 0
+        if not due:
+            return WatchCheck(lost, False, dropped=dropped, overflows=overflows)
+        self._checked_at = now
+        if not self.observer_alive():
+            self.restart()
+            return WatchCheck(lost, True, dropped=dropped, overflows=overflows)
+        back, gone = self.check_roots()
+        return WatchCheck(
+            lost, False, tuple(back), tuple(gone), dropped, overflows, self.watch_count()
+        )
 
     def observer_alive(self) -> bool:
         """True while the observer's own thread runs (emitters are checked per root)."""
@@ -299,11 +340,3 @@ class Watcher:
             except OSError:
                 continue
         return total if found else None
-
-
-def describe_event(event: FsEvent) -> dict[str, Any]:
-    """Log fields for an event (paths escaped)."""
-    fields: dict[str, Any] = {"kind": event.kind, "path": event.path.decode(errors="replace")}
-    if event.dest is not None:
-        fields["dest"] = event.dest.decode(errors="replace")
-    return fields

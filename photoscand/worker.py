@@ -1,10 +1,10 @@
 """Code that runs in the daemon's child processes: the metadata parser and the converters.
 
-Children are started by the supervisor with the ``forkserver`` method (the daemon has
-threads, so plain fork is unsafe), get plain data, and talk to the daemon over one pipe
-each. They never open the catalog and never touch metrics: they receive a job, do it,
-and send back a result. The daemon kills them on a timeout, so nothing here needs to
-guard against hangs in the libraries it calls.
+Children come from the fork server (see :mod:`photoscand.children`), get plain data, and
+talk to the daemon over one pipe each, in the typed messages of :mod:`photoscand.protocol`.
+They never open the catalog and never touch metrics: they receive a request, do it, and
+send back an answer. The daemon kills them on a timeout, so nothing here needs to guard
+against hangs in the libraries it calls.
 """
 
 from __future__ import annotations
@@ -19,10 +19,28 @@ import signal
 import stat
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
 
 from photoscand import outcomes
+from photoscand.protocol import (
+    STOP,
+    ConversionFailed,
+    ConversionJob,
+    ConversionResult,
+    Converted,
+    FileIdentity,
+    MetadataAnswer,
+    MetadataRequest,
+    NotAPhoto,
+    Parsed,
+    PhotoMetadata,
+    SharedBytes,
+    SweepDone,
+    ThumbnailSettings,
+    Unreadable,
+    WorkerReady,
+)
 
 _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
@@ -121,94 +139,70 @@ def _mapped_bytes() -> int:
 
 
 def metadata_main(conn: Connection) -> None:
-    """Parse one file at a time for the daemon's phase 1.
-
-    Requests are ``(seq, path, shm)``, ``shm`` being None (read the file) or the place
-    in shared memory where the prefetcher put its bytes; replies are ``(seq, kind,
-    payload, seconds)`` with kind
-    ``"meta"`` (stat tuple, column dict), ``"skip"`` (not a photo / not a regular
-    file: a short why) or ``"oserror"`` (errno name, message). ``None`` ends the loop.
-    """
+    """Answer one :class:`MetadataRequest` at a time for the daemon's phase 1, in order."""
     _child_setup(b"photoscand-meta")
-    from photoscand import metadata  # imported here: a converter problem must not stop phase 1
+    # Imported here: the metadata process must not depend on the converters, nor they on it.
+    from photoscand.metadata import read_metadata
 
-    global _read_metadata
-    _read_metadata = metadata.read_metadata
+    mappings: dict[str, mmap.mmap] = {}
     while True:
         try:
-            request = conn.recv()
+            request: MetadataRequest | None = conn.recv()
         except (EOFError, OSError):
             return
-        if request is None:
+        if request is STOP:
             return
-        seq, path, shm = request
         started = time.perf_counter()
-        if shm is None:
-            answer = _parse_one(path)
+        if request.shared is None:
+            outcome = _parse_file(request.path, read_metadata)
         else:
-            view = attach(shm, _mappings)
+            view = attach(request.shared, mappings)
             try:
-                answer = _parse_memory(path, view)
+                metadata = read_metadata(request.path, view)
             finally:
                 with contextlib.suppress(BufferError):
                     view.release()
-                _forget_mapping(shm, _mappings)
-        conn.send((seq, *answer, time.perf_counter() - started))
+                forget_mapping(request.shared, mappings)
+            outcome = NotAPhoto("not a photo") if metadata is None else Parsed(None, metadata)
+        conn.send(MetadataAnswer(request.seq, outcome, time.perf_counter() - started))
 
 
-def _parse_one(path: bytes) -> tuple[str, Any]:
+def _parse_file(
+    path: bytes, read_metadata: Callable[[bytes], PhotoMetadata | None]
+) -> Parsed | NotAPhoto | Unreadable:
     try:
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
-            return "skip", "not a regular file"
-        meta = _read_metadata(path)
-    except OSError as exc:
-        return "oserror", (errno.errorcode.get(exc.errno or 0, "EIO"), exc.strerror or str(exc))
-    if meta is None:
-        return "skip", "not a photo"
-    try:
+            return NotAPhoto("not a regular file")
+        metadata = read_metadata(path)
+        if metadata is None:
+            return NotAPhoto("not a photo")
         # The row should describe the bytes that were parsed: stat again after reading.
         after = os.lstat(path)
     except OSError as exc:
-        return "oserror", (errno.errorcode.get(exc.errno or 0, "EIO"), exc.strerror or str(exc))
-    columns = {name: getattr(meta, name) for name in _META_FIELDS}
-    columns["metadata_error"] = meta.error
-    identity = (after.st_size, after.st_mtime_ns, after.st_dev, after.st_ino)
-    return "meta", (identity, columns)
+        return Unreadable(errno.errorcode.get(exc.errno or 0, "EIO"), exc.strerror or str(exc))
+    return Parsed(
+        FileIdentity(after.st_size, after.st_mtime_ns, after.st_dev, after.st_ino), metadata
+    )
 
 
-def _parse_memory(path: bytes, view: memoryview) -> tuple[str, Any]:
-    """Parse bytes the prefetcher already read (the disk is not touched again)."""
-    meta = _read_metadata(path, view)
-    if meta is None:
-        return "skip", "not a photo"
-    columns = {name: getattr(meta, name) for name in _META_FIELDS}
-    columns["metadata_error"] = meta.error
-    return "meta", (None, columns)
-
-
-_read_metadata: Any = None
-_mappings: dict[str, mmap.mmap] = {}
-
-
-def attach(shm: tuple[str, int, int, bool], cache: dict[str, mmap.mmap]) -> memoryview:
+def attach(shared: SharedBytes, cache: dict[str, mmap.mmap]) -> memoryview:
     """The bytes the prefetcher read, mapped read-only from the daemon's memory file.
 
-    ``shm`` is (path, offset, length, keep): the window's mapping is kept across jobs;
-    a photo larger than the window has its own memory, mapped for one job.
+    The window's mapping (``keep``) is cached across jobs; a photo larger than the window
+    has its own memory, mapped for one job.
     """
-    path, offset, length, keep = shm
-    mapping = cache.get(path)
+    mapping = cache.get(shared.path)
     if mapping is None:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(shared.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            if keep:
+            if shared.keep:
                 _allow_shared(os.fstat(fd).st_size)
             mapping = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        cache[path] = mapping
-    return memoryview(mapping)[offset : offset + length]
+        cache[shared.path] = mapping
+    return memoryview(mapping)[shared.offset : shared.offset + shared.length]
 
 
 def _allow_shared(nbytes: int) -> None:
@@ -228,10 +222,10 @@ def _allow_shared(nbytes: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (wanted, hard))
 
 
-def _forget_mapping(shm: tuple[str, int, int, bool], cache: dict[str, mmap.mmap]) -> None:
-    path, _offset, _length, keep = shm
-    if not keep:
-        mapping = cache.pop(path, None)
+def forget_mapping(shared: SharedBytes, cache: dict[str, mmap.mmap]) -> None:
+    """Unmap a photo's own memory once its job is done (the window's mapping stays)."""
+    if not shared.keep:
+        mapping = cache.pop(shared.path, None)
         if mapping is not None:
             # A view still exported (held by a decoder object) keeps it mapped until
             # garbage collection; that is fine, the daemon already owns the memory.
@@ -239,44 +233,24 @@ def _forget_mapping(shm: tuple[str, int, int, bool], cache: dict[str, mmap.mmap]
                 mapping.close()
 
 
-_META_FIELDS = (
-    "format", "width", "height", "orientation", "taken_at", "make", "model", "lens", "iso",
-    "exposure_time", "f_number", "focal_length", "gps_lat", "gps_lon", "gps_alt", "exif",
-    "disk_offset",
-)  # fmt: skip
-
-
 # -- phase 2: the conversion workers ---------------------------------------------------
 
 
-def conversion_main(conn: Connection, settings: dict[str, Any]) -> None:
-    """Convert one image at a time for the daemon's phase 2.
-
-    ``settings`` holds the thumbnail spec, the backend and the memory limit. Jobs are
-    dicts (see :func:`convert_job`); ``None`` ends the loop.
-    """
-    _child_setup(b"photoscand-work", nice=settings.get("nice", 0))
-    from photoscand import converters  # imported here: phase 1's process does not need it
-
-    spec = converters.ThumbnailSpec(
-        sizes=tuple(settings["sizes"]),
-        format=settings["format"],
-        quality=settings["quality"],
-        out_dir=settings["out_dir"],
-        max_pixels=settings["max_pixels"],
-    )
-    backend = settings["backend"]
+def conversion_main(conn: Connection, settings: ThumbnailSettings) -> None:
+    """Convert one :class:`ConversionJob` at a time for the daemon's phase 2."""
+    _child_setup(b"photoscand-work", nice=settings.nice)
     _keep_freed_memory()
-    _limit_memory(settings.get("memory_limit_mb", 0))
-    conn.send({"ready": os.getpid()})
+    _limit_memory(settings.memory_limit_mb)
+    conn.send(WorkerReady(os.getpid()))
+    mappings: dict[str, mmap.mmap] = {}
     while True:
         try:
-            job = conn.recv()
+            job: ConversionJob | None = conn.recv()
         except (EOFError, OSError):
             return
-        if job is None:
+        if job is STOP:
             return
-        conn.send(convert_job(job, spec, backend))
+        conn.send(convert_job(job, settings, mappings))
 
 
 def sweep_main(conn: Connection, out_dir: str) -> None:
@@ -290,7 +264,7 @@ def sweep_main(conn: Connection, out_dir: str) -> None:
     _child_setup(b"photoscand-sweep")
     from photoscand import converters
 
-    conn.send(converters.remove_stale_temp_files(out_dir))
+    conn.send(SweepDone(converters.remove_stale_temp_files(out_dir)))
 
 
 def _read_whole(path: bytes) -> bytes:
@@ -325,60 +299,67 @@ class _ChangedWhileRead(Exception):
     pass
 
 
-def convert_job(job: dict[str, Any], spec: Any, backend: str) -> dict[str, Any]:
-    """Read a photo once, convert it, and describe the outcome as plain data.
-
-    Job keys: ``id``, ``path`` (bytes), ``format`` and ``orientation`` (hints from
-    phase 1), optionally ``shm`` (where the prefetcher put the bytes; see :func:`attach`).
-    """
+def convert_job(
+    job: ConversionJob, settings: ThumbnailSettings, mappings: dict[str, mmap.mmap]
+) -> ConversionResult:
+    """Read a photo once (or map the bytes the prefetcher read), convert it, and describe
+    the outcome."""
+    # Imported here, not at the top: the metadata process runs this module too, and must
+    # not depend on the converters (the fork server has them loaded already).
     from photoscand import converters
 
     started = time.perf_counter()
-    result: dict[str, Any] = {"id": job["id"], "ok": False}
-    shm = job.get("shm")
+    data: bytes | memoryview = b""
     try:
-        data = attach(shm, _mappings) if shm is not None else _read_whole(job["path"])
+        data = attach(job.shared, mappings) if job.shared else _read_whole(job.path)
         read_seconds = time.perf_counter() - started
         conversion = converters.convert(
             data,
-            spec,
-            backend=backend,
-            format_hint=job.get("format"),
-            orientation=job.get("orientation"),
-            reuse_existing=job.get("reuse", True),
+            settings,
+            format_hint=job.format,
+            orientation=job.orientation,
+            reuse_existing=job.reuse,
         )
-    except FileNotFoundError as exc:
-        result.update(reason=outcomes.VANISHED, message=f"file disappeared: {exc.strerror}")
-    except PermissionError as exc:
-        result.update(reason=outcomes.PERMISSION, message=f"cannot read: {exc.strerror}")
-    except _ChangedWhileRead:
-        result.update(reason=outcomes.IO_ERROR, message="the file changed while it was read")
-    except converters.ConversionError as exc:
-        result.update(reason=exc.reason, message=exc.message)
-    except MemoryError:
-        result.update(reason=outcomes.TOO_LARGE, message="out of memory (workers.memory_limit_mb)")
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            result.update(reason=outcomes.DISK_FULL, message=str(exc))
-        else:
-            result.update(reason=outcomes.IO_ERROR, message=f"{exc.strerror or exc}")
+        return Converted(
+            job.image_id,
+            conversion.content_hash,
+            tuple(conversion.thumbnails),
+            len(data),
+            time.perf_counter() - started,
+            {"read": read_seconds, **conversion.timings},
+        )
     except Exception as exc:  # a decoder bug must fail this image only
-        result.update(reason=outcomes.CORRUPT, message=f"{type(exc).__name__}: {exc}")
-    else:
-        result.update(
-            ok=True,
-            content_hash=conversion.content_hash,
-            thumbnails=[(t.size, t.path, t.width, t.height) for t in conversion.thumbnails],
-            timings={"read": read_seconds, **conversion.timings},
+        reason, message = _failure(exc)
+        return ConversionFailed(
+            job.image_id, reason, message, len(data), time.perf_counter() - started
         )
-    result["bytes"] = len(data) if "data" in locals() else 0
-    result["seconds"] = time.perf_counter() - started
-    if shm is not None:
-        if isinstance(data, memoryview):
-            with contextlib.suppress(BufferError):
-                data.release()
-        _forget_mapping(shm, _mappings)
-    return result
+    finally:
+        if job.shared is not None:
+            if isinstance(data, memoryview):
+                with contextlib.suppress(BufferError):
+                    data.release()
+            forget_mapping(job.shared, mappings)
+
+
+def _failure(exc: Exception) -> tuple[str, str]:
+    """The reason word and message for what a conversion raised."""
+    from photoscand.converters import ConversionError
+
+    if isinstance(exc, ConversionError):
+        return exc.reason, exc.message
+    if isinstance(exc, FileNotFoundError):
+        return outcomes.VANISHED, f"file disappeared: {exc.strerror}"
+    if isinstance(exc, PermissionError):
+        return outcomes.PERMISSION, f"cannot read: {exc.strerror}"
+    if isinstance(exc, _ChangedWhileRead):
+        return outcomes.IO_ERROR, "the file changed while it was read"
+    if isinstance(exc, MemoryError):
+        return outcomes.TOO_LARGE, "out of memory (workers.memory_limit_mb)"
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return outcomes.DISK_FULL, str(exc)
+        return outcomes.IO_ERROR, f"{exc.strerror or exc}"
+    return outcomes.CORRUPT, f"{type(exc).__name__}: {exc}"
 
 
 if __name__ == "__main__":  # pragma: no cover - workers are started by the supervisor

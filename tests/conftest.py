@@ -86,7 +86,8 @@ class DaemonProcess:
             "thumbnails": {"dir": str(self.var / "thumbnails"), "sizes": [256, 64]},
             "workers": {"count": 2, "timeout_seconds": 30, "retry_backoff_seconds": 0.5,
                         "stop_timeout_seconds": 5},
-            "metrics": {"listen": ""},
+            # Readiness and walks are read from the daemon's own metrics.
+            "metrics": {"listen": f"127.0.0.1:{free_port()}"},
             "logging": {"format": "json", "level": "debug"},
         }  # fmt: skip
         for section, values in (settings or {}).items():
@@ -118,18 +119,53 @@ class DaemonProcess:
         log.close()
         return self
 
+    @property
+    def metrics_port(self) -> int:
+        return int(self.config["metrics"]["listen"].rpartition(":")[2])
+
+    def metrics(self) -> dict[str, float]:
+        """The running daemon's /metrics, or {} while it does not answer yet."""
+        try:
+            return scrape(self.metrics_port)
+        except OSError:
+            return {}
+
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Ready once every worker is up and the start-up walk finished (the log says so)."""
+        """Ready once every worker is up and the start-up walk finished, as this run's
+        metrics say (each run starts with its own, so an earlier run's walk does not count)."""
+        assert self.proc is not None
+        workers = self.config["workers"]["count"]
 
         def ready() -> bool:
-            text = self.log_text()
-            return (
-                text.count('"walk finished"') >= self.runs
-                and text.count('"event": "ready"') >= self.runs
-            ) or self.proc.poll() is not None
+            if self.proc.poll() is not None:
+                return True
+            values = self.metrics()
+            up = values.get("photoscand_workers_idle", 0) + values.get("photoscand_workers_busy", 0)
+            return up >= workers and self.last_walk() > 0
 
         wait_for(ready, timeout, message="workers ready and the start-up walk")
-        assert self.proc is not None and self.proc.poll() is None, self.log_text()[-3000:]
+        assert self.proc.poll() is None, self.log_text()[-3000:]
+
+    def last_walk(self) -> float:
+        """When this run's last walk finished (unix time; 0 before its first)."""
+        return self.metrics().get("photoscand_last_walk_completed_timestamp_seconds", 0.0)
+
+    def walks_done(self) -> int:
+        """How many walks this run has finished (-1 while the daemon does not answer)."""
+        values = self.metrics()
+        if not values:
+            return -1
+        return int(sum(v for k, v in values.items() if k.startswith("photoscand_walks_total")))
+
+    def wait_walks(self, count: int, timeout: float = 60.0) -> None:
+        """Wait until this run has finished ``count`` walks (fail early if it exits)."""
+        assert self.proc is not None
+
+        def done() -> bool:
+            assert self.proc.poll() is None, self.log_text()[-3000:]
+            return self.walks_done() >= count
+
+        wait_for(done, timeout, message=f"{count} walks finished")
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

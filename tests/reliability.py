@@ -130,14 +130,11 @@ def assert_complete(daemon: DaemonProcess, expected: list[Path], sizes: int = 2)
 
 
 def start_and_walk(daemon: DaemonProcess, timeout: float = 60.0) -> int:
-    """Start the daemon and wait for its start-up walk (earlier runs may have been killed
-    before theirs finished, so only this run's part of the log counts). Returns the log
-    offset where this run begins."""
+    """Start the daemon and wait for its start-up walk (this run's metrics count its own
+    walks). Returns the log offset where this run begins."""
     offset = len(daemon.log_text())
     daemon.start()
-    wait_for(lambda: '"walk finished"' in daemon.log_text()[offset:]
-             or daemon.proc.poll() is not None, timeout, message="the start-up walk")  # fmt: skip
-    assert daemon.proc.poll() is None, daemon.log_text()[-3000:]
+    daemon.wait_walks(1, timeout)
     return offset
 
 
@@ -273,11 +270,11 @@ def sysctl(name: str, value: str) -> Iterator[str]:
 # What the daemon needs from its interpreter: photoscand importable and a forkserver child
 # that starts (an interpreter whose installation that user cannot read fails here).
 _PROBE = """
-import multiprocessing, photoscand.daemon
+import multiprocessing, photoscand.daemon, photoscand.progress
 if __name__ == "__main__":
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["photoscand.worker"])
-    child = ctx.Process(target=photoscand.daemon.progress_line, args=({},))
+    child = ctx.Process(target=photoscand.progress.progress_line, args=({},))
     child.start()
     child.join(30)
     print(child.exitcode)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 import time
 from pathlib import Path
@@ -9,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from photoscand.catalog import APPLICATION_ID, SCHEMA_VERSION, Catalog, CatalogError, FileStat
+from photoscand.protocol import PhotoMetadata, ThumbnailFile
 
 
 def stat_of(path: bytes, size: int = 100, mtime_ns: int = 1, ino: int = 7) -> FileStat:
     return FileStat(path, size, mtime_ns, 2049, ino)
 
 
-META = {"format": "jpeg", "width": 40, "height": 30, "orientation": 6, "make": "Canon"}
+META = PhotoMetadata(format="jpeg", width=40, height=30, orientation=6, make="Canon")
 
 
 @pytest.fixture
@@ -89,7 +91,7 @@ def test_upsert_is_idempotent_and_a_change_requeues(catalog: Catalog) -> None:
     assert first == again
     assert catalog.counts()["pending"] == 1
     (job,) = catalog.claim(5, now)
-    catalog.record_done(job.id, "ab" * 32, [(256, "/t/x-256.jpg", 256, 192)], now)
+    catalog.record_done(job.id, "ab" * 32, [ThumbnailFile(256, "/t/x-256.jpg", 256, 192)], now)
     catalog.commit()
     assert catalog.counts()["done"] == 1
     changed = catalog.add_image(stat_of(b"/p/a.jpg", size=999), META, now, known=True)
@@ -128,7 +130,7 @@ def test_missing_restore_and_tree_missing(catalog: Catalog) -> None:
     now = time.time()
     image_id = catalog.add_image(stat_of(b"/p/d/a.jpg"), META, now)
     (job,) = catalog.claim(1, now)
-    catalog.record_done(job.id, "cd" * 32, [(256, "/t/y.jpg", 10, 10)], now)
+    catalog.record_done(job.id, "cd" * 32, [ThumbnailFile(256, "/t/y.jpg", 10, 10)], now)
     assert catalog.mark_missing(b"/p/d/a.jpg", "deleted")
     catalog.commit()
     assert catalog.query("SELECT status, error FROM images") == [("missing", "vanished: deleted")]
@@ -192,7 +194,7 @@ def test_results_for_rows_that_changed_meanwhile_are_dropped(catalog: Catalog) -
     catalog.claim(1, now)
     # The file changed while it was converted: phase 1 put it back to pending.
     catalog.add_image(stat_of(b"/p/a.jpg", size=5), META, now)
-    catalog.record_done(image_id, "ee" * 32, [(256, "/t/z.jpg", 1, 1)], now)
+    catalog.record_done(image_id, "ee" * 32, [ThumbnailFile(256, "/t/z.jpg", 1, 1)], now)
     catalog.commit()
     assert catalog.query("SELECT status FROM images") == [("pending",)]
     assert catalog.thumbnails_of(image_id) == []
@@ -217,7 +219,7 @@ def test_disk_full_keeps_writes_and_replays_them(tmp_path: Path) -> None:
     cat.commit()
     pages = cat.query("PRAGMA page_count")[0][0]
     cat._conn.execute(f"PRAGMA max_page_count={pages}")
-    big = {**META, "exif": "x" * 200_000}
+    big = dataclasses.replace(META, exif="x" * 200_000)
     for i in range(5):
         cat.add_image(stat_of(f"/p/{i}.jpg".encode(), ino=10 + i), big, time.time())
     cat.commit()

@@ -4,6 +4,7 @@ atomic thumbnail writes (a real tmpfs for the full-disk case)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -24,7 +25,7 @@ from photoscand.converters import (
     HASH_ALGORITHM,
     Conversion,
     ConversionError,
-    ThumbnailSpec,
+    ThumbnailSettings,
     available_formats,
     convert,
     detect_format,
@@ -88,7 +89,7 @@ IMAGE_REASONS = {outcomes.CORRUPT, outcomes.TRUNCATED, outcomes.UNSUPPORTED, out
 
 
 def spec_for(out: Path, sizes=SIZES, fmt: str = "jpeg", quality: int = 80, max_pixels=10**8):
-    return ThumbnailSpec(tuple(sizes), fmt, quality, str(out), max_pixels)
+    return ThumbnailSettings(tuple(sizes), fmt, quality, str(out), max_pixels)
 
 
 def hint_for(rel: str, data: bytes) -> str | None:
@@ -100,12 +101,11 @@ def orientation_of(rel: str) -> int | None:
     return int(value) if value else None
 
 
-def convert_file(rel: str, spec: ThumbnailSpec, backend: str = "pillow") -> Conversion:
+def convert_file(rel: str, spec: ThumbnailSettings, backend: str = "pillow") -> Conversion:
     data = (CORPUS / rel).read_bytes()
     return convert(
         data,
-        spec,
-        backend=backend,
+        dataclasses.replace(spec, backend=backend),
         format_hint=hint_for(rel, data),
         orientation=orientation_of(rel),
     )
@@ -562,11 +562,11 @@ _DRIVER = textwrap.dedent(
     """
     import json, os, resource, signal, sys
     sys.path.insert(0, sys.argv[1])
-    from photoscand.converters import ThumbnailSpec, ConversionError, convert
+    from photoscand.converters import ThumbnailSettings, ConversionError, convert
     from photoscand import formats
 
     corpus, out, backend = sys.argv[2], sys.argv[3], sys.argv[4]
-    spec = ThumbnailSpec((256, 1440), "jpeg", 80, out, 100_000_000)
+    spec = ThumbnailSettings((256, 1440), "jpeg", 80, out, 100_000_000, backend=backend)
     with open("/proc/self/status") as fh:
         vm = next(int(l.split()[1]) for l in fh if l.startswith("VmSize")) * 1024
     for rel in sys.stdin.read().split("\\n"):
@@ -582,7 +582,7 @@ _DRIVER = textwrap.dedent(
             data = open(os.path.join(corpus, rel), "rb").read()
             hint = formats.detect_format(rel, data[:64])
             try:
-                c = convert(data, spec, backend=backend, format_hint=hint)
+                c = convert(data, spec, format_hint=hint)
                 result = {"ok": [(t.width, t.height) for t in c.thumbnails]}
             except ConversionError as e:
                 result = {"reason": e.reason, "message": e.message}
@@ -647,7 +647,9 @@ def test_out_of_memory_is_too_large(tmp_path: Path) -> None:
         f"""
         import resource, sys
         sys.path.insert(0, {str(REPO)!r})
-        from photoscand.converters import ThumbnailSpec, ConversionError, available_formats, convert
+        from photoscand.converters import (
+            ThumbnailSettings, ConversionError, available_formats, convert
+        )
         available_formats()  # load every decoder library before measuring the address space
         data = open({str(big)!r}, "rb").read()
         with open("/proc/self/status") as fh:
@@ -655,7 +657,7 @@ def test_out_of_memory_is_too_large(tmp_path: Path) -> None:
         limit = vm + 150 * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         try:
-            convert(data, ThumbnailSpec((256,), "jpeg", 80, {str(tmp_path / "out")!r}, 10**8))
+            convert(data, ThumbnailSettings((256,), "jpeg", 80, {str(tmp_path / "out")!r}, 10**8))
         except ConversionError as e:
             print(e.reason, e.message)
         """
@@ -753,7 +755,8 @@ def test_magick_hostile_names_and_payloads_stay_inert(tmp_path: Path) -> None:
         + b'"/></image>'
     )
     with pytest.raises(ConversionError) as caught:
-        convert(script, spec_for(tmp_path / "o"), backend="magick", format_hint="jpeg")
+        spec = dataclasses.replace(spec_for(tmp_path / "o"), backend="magick")
+        convert(script, spec, format_hint="jpeg")
     assert caught.value.reason in IMAGE_REASONS
     assert not marker.exists()
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from photoscand.metadata import Metadata, physical_offset, read_metadata
+from photoscand.metadata import physical_offset, read_metadata
 from photoscand.outcomes import REASONS, split_error
+from photoscand.protocol import PhotoMetadata
 
 REPO = Path(__file__).resolve().parents[1]
 PER_FILE_TIMEOUT = 10.0  # seconds; the daemon's metadata_timeout_seconds default
@@ -100,9 +101,9 @@ def readings(corpus_dir: Path, manifest: list[dict[str, str]]) -> dict[str, tupl
     return {row["path"]: results[job] for row, job in zip(manifest, jobs, strict=True)}
 
 
-def reading(readings: dict[str, tuple[str, Any, float]], path: str) -> Metadata:
+def reading(readings: dict[str, tuple[str, Any, float]], path: str) -> PhotoMetadata:
     kind, value, _ = readings[path]
-    assert kind == "ok" and isinstance(value, Metadata), (path, kind, value)
+    assert kind == "ok" and isinstance(value, PhotoMetadata), (path, kind, value)
     return value
 
 
@@ -169,7 +170,7 @@ def _exiftool_value(row: dict[str, str], field: str) -> Any:
     return row[column] or None
 
 
-def _agrees(md: Metadata, field: str, expected: Any) -> bool:
+def _agrees(md: PhotoMetadata, field: str, expected: Any) -> bool:
     if field == "size":
         return (str(md.width), str(md.height)) == expected
     if field == "orientation":
@@ -288,7 +289,7 @@ def test_hostile_files_from_memory_end_in_metadata(
     trouble = {job[0]: result[:2] for job, result in results.items() if result[0] != "ok"}
     assert not trouble, trouble
     for (path, _), (_, md, _) in results.items():
-        assert isinstance(md, Metadata), path
+        assert isinstance(md, PhotoMetadata), path
         assert md.disk_offset is None
 
 
@@ -305,24 +306,25 @@ def test_memory_and_file_give_the_same_metadata(
         assert _as_dict(from_memory) == from_file_fields, row["path"]
 
 
-def _as_dict(md: Metadata) -> dict[str, Any]:
-    return {name: getattr(md, name) for name in Metadata.__slots__}
+def _as_dict(md: PhotoMetadata) -> dict[str, Any]:
+    return {name: getattr(md, name) for name in PhotoMetadata.__slots__}
 
 
 def test_errors_are_reason_colon_message(readings: dict[str, tuple[str, Any, float]]) -> None:
     with_error = 0
     for path, (_, md, _) in readings.items():
-        if md.error is None:
+        if md.metadata_error is None:
             continue
         with_error += 1
-        reason, message = split_error(md.error)
-        assert reason in REASONS, (path, md.error)
+        reason, message = split_error(md.metadata_error)
+        assert reason in REASONS, (path, md.metadata_error)
         assert message, path
-        assert "\n" not in md.error and md.error.isascii(), (path, md.error)
-        assert len(md.error) < 500
+        problem = md.metadata_error
+        assert "\n" not in problem and problem.isascii(), (path, problem)
+        assert len(md.metadata_error) < 500
     assert with_error >= 30  # the bad/ folder is not silently accepted
     # A clean camera JPEG has no metadata error.
-    assert readings["cameras/Canon_40D.jpg"][1].error is None
+    assert readings["cameras/Canon_40D.jpg"][1].metadata_error is None
 
 
 def test_columns_have_their_types_and_ranges(readings: dict[str, tuple[str, Any, float]]) -> None:
@@ -425,7 +427,7 @@ def test_a_jpeg_named_png_is_a_jpeg(corpus_dir: Path, tmp_path: Path) -> None:
     md = read_metadata(bytes(target))
     assert md is not None
     assert md.format == "jpeg" and (md.width, md.height) == (100, 68)
-    assert md.make == "Canon" and md.error is None
+    assert md.make == "Canon" and md.metadata_error is None
 
 
 def test_garbage_with_a_photo_extension_is_a_row_with_an_error(tmp_path: Path) -> None:
@@ -434,12 +436,13 @@ def test_garbage_with_a_photo_extension_is_a_row_with_an_error(tmp_path: Path) -
         path.write_bytes(b"this is not an image " * 20)
         md = read_metadata(bytes(path))
         assert md is not None and md.format == fmt, name
-        assert md.error is not None and md.error.startswith("corrupt:"), md.error
+        problem = md.metadata_error
+        assert problem is not None and problem.startswith("corrupt:"), problem
         assert md.width is None and md.exif == "{}"
     empty = tmp_path / "e.jpg"
     empty.write_bytes(b"")
     md = read_metadata(bytes(empty))
-    assert md is not None and md.error is not None and md.error.startswith("truncated:")
+    assert md is not None and (md.metadata_error or "").startswith("truncated:")
 
 
 def test_hostile_names(corpus_dir: Path, tmp_path: Path) -> None:
@@ -597,7 +600,7 @@ def test_hostile_exif_is_bounded(hostile_results: dict[str, Any], name: str) -> 
         kind, md, seconds = hostile_results[key]
         assert kind == "ok", (key, md)
         assert seconds < 1.0, (key, seconds)
-        assert isinstance(md, Metadata)
+        assert isinstance(md, PhotoMetadata)
     md = hostile_results[name][1]
     assert (md.width, md.height) == (64, 48)  # the header's size survives broken EXIF
     assert md.gps_lat is None and md.gps_lon is None
@@ -607,9 +610,10 @@ def test_hostile_exif_is_reported(hostile_results: dict[str, Any]) -> None:
     # (An IFD whose next pointer names itself is exifread's end of chain: no problem.)
     for name in ("ifd_chain_cycle", "subifd_self", "subifd_cross", "huge_entry_count"):
         md = hostile_results[name][1]
-        assert md.error is not None and md.error.startswith("corrupt:"), (name, md.error)
+        problem = md.metadata_error
+        assert problem is not None and problem.startswith("corrupt:"), (name, problem)
         assert md.make == "Ace", name  # what was read before the problem is kept
-    assert "TIFF header" in hostile_results["no_tiff_header"][1].error
+    assert "TIFF header" in hostile_results["no_tiff_header"][1].metadata_error
 
 
 def test_pointer_with_a_wrong_type_is_still_followed(tmp_path: Path) -> None:
@@ -660,7 +664,7 @@ def test_truncated_at_every_length_stays_data(corpus_dir: Path, tmp_path: Path) 
     results = run_isolated(jobs, timeout=30)
     trouble = {job[0]: result[:2] for job, result in results.items() if result[0] != "ok"}
     assert not trouble, trouble
-    assert all(isinstance(result[1], Metadata) for result in results.values())
+    assert all(isinstance(result[1], PhotoMetadata) for result in results.values())
 
 
 # -- FIEMAP --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from PIL import Image
 from photoscand.catalog import Catalog, FileStat
 from photoscand.metadata import physical_offset
 from photoscand.prefetch import Arena
+from photoscand.protocol import PhotoMetadata
 from tests.conftest import CORPUS, free_port, named_descendants, scrape, wait_for
 
 SAMPLE = CORPUS / "cameras" / "Canon_40D.jpg"
@@ -83,7 +84,7 @@ def test_claims_follow_the_disk_order(tmp_path: Path) -> None:
         (b"/b/5.jpg", 5, None, 2),
     ]
     for path, dev, offset, ino in rows:
-        catalog.add_image(FileStat(path, 10, 1, dev, ino), {"disk_offset": offset}, now)
+        catalog.add_image(FileStat(path, 10, 1, dev, ino), PhotoMetadata(disk_offset=offset), now)
     jobs = catalog.claim(10, now, disk_order=True)
     assert [j.path for j in jobs] == [b"/b/5.jpg", b"/b/4.jpg", b"/a/2.jpg", b"/a/3.jpg",
                                       b"/a/1.jpg"]  # fmt: skip

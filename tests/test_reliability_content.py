@@ -199,7 +199,7 @@ def grey_halves(daemon, cut: dict[Path, Path]) -> list[str]:
             continue
         # The daemon's own sizes: the 64 px thumbnail is derived from the 256 px one, and
         # its rounding must match.
-        spec = converters.ThumbnailSpec(sizes=tuple(daemon.config["thumbnails"]["sizes"]),
+        spec = converters.ThumbnailSettings(sizes=tuple(daemon.config["thumbnails"]["sizes"]),
                                         format="jpeg", quality=80,
                                         out_dir=str(daemon.root / "reference"),
                                         max_pixels=100_000_000)  # fmt: skip

@@ -62,7 +62,7 @@ def test_unreadable_photos_and_folders_end_with_a_reason_and_the_rest_goes_on(
     os.chmod(closed, 0)
     try:
         daemon.start()
-        wait_for(lambda: '"walk finished"' in daemon.log_text(), message="the start-up walk")
+        daemon.wait_walks(1)
         row = daemon.wait_row(locked_photo, status="failed")
         assert row[2].startswith("permission:"), row
         attempts = daemon.query("SELECT attempts FROM images WHERE id = ?", (row[0],))[0][0]
@@ -94,7 +94,7 @@ def test_a_folder_that_becomes_unreadable_is_not_read_as_deleted(make_daemon) ->
     os.chmod(inner, 0)
     try:
         daemon.start()
-        wait_for(lambda: daemon.log_text().count('"walk finished"') >= 2, message="second walk")
+        daemon.wait_walks(1)  # this run's start-up walk
         statuses = {daemon.row(p)[1] for p in photos}
         assert statuses == {"done"}, statuses
     finally:

@@ -57,9 +57,7 @@ def run_storm(daemon_factory, count: int, queue_limit: int | None) -> dict:
             start_and_walk(daemon)
     created = storm(daemon.photos, count)
     after_storm = time.monotonic()
-    walks = daemon.log_text().count('"walk finished"')
-    wait_for(lambda: daemon.log_text().count('"walk finished"') > walks, timeout=120,
-             message="the next walk")  # fmt: skip
+    daemon.wait_walks(daemon.walks_done() + 1, timeout=120)
     wait_for(lambda: catalog_matches_tree(daemon) == (set(), set()), timeout=300,
              interval=0.5, message="catalog equal to the tree")  # fmt: skip
     complete = time.monotonic() - after_storm

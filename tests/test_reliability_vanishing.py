@@ -130,11 +130,10 @@ def test_folders_renamed_during_a_walk_leave_the_catalog_equal_to_the_tree(
     for i in range(150):
         distinct_copies(daemon.photos / f"f{i:03d}", 8, base=SMALL_PHOTO, start=i * 8)
     rng = random.Random(SEED)
-    offset = len(daemon.log_text())
     daemon.start()
     renames = 0
     # Rename top-level folders, or move them into another, until the start-up walk ends.
-    while '"walk finished"' not in daemon.log_text()[offset:]:
+    while daemon.walks_done() < 1:
         top = sorted(p for p in daemon.photos.iterdir() if p.is_dir())
         src = rng.choice(top)
         if rng.random() < 0.3 and len(top) > 1:
@@ -147,9 +146,7 @@ def test_folders_renamed_during_a_walk_leave_the_catalog_equal_to_the_tree(
     assert renames > 0
     # Two periodic walks later, the catalog is the tree: no file without a live row, no
     # live row without a file.
-    walks = daemon.log_text().count('"walk finished"')
-    wait_for(lambda: daemon.log_text().count('"walk finished"') >= walks + 2, timeout=60,
-             message="two more walks")  # fmt: skip
+    daemon.wait_walks(daemon.walks_done() + 2)
     wait_for(lambda: catalog_matches_tree(daemon) == (set(), set()), timeout=30,
              message="catalog equal to the tree")  # fmt: skip
     rows = daemon.query("SELECT count(*) FROM images WHERE status != 'missing'")[0][0]
@@ -165,7 +162,7 @@ def test_a_walk_does_not_take_a_file_still_being_written_for_complete(daemon_fac
     start_and_walk(daemon)
     data = LARGE_PHOTO.read_bytes()
     target = daemon.photos / "slow-copy.jpg"
-    walks = daemon.log_text().count('"walk finished"')
+    walks = daemon.walks_done()
     # A writer that never closes in between (so no close event) and pauses shorter than
     # the settle time, across several periodic walks.
     with open(target, "wb") as fh:
@@ -176,7 +173,7 @@ def test_a_walk_does_not_take_a_file_still_being_written_for_complete(daemon_fac
             while time.monotonic() < deadline:
                 assert daemon.row(target) is None, "a row from a file still being written"
                 time.sleep(0.05)
-    assert daemon.log_text().count('"walk finished"') >= walks + 3
+    assert daemon.walks_done() >= walks + 3
     row = daemon.wait_row(target, status="done")
     assert row[3] == len(data)
     assert daemon.stop() == 0

@@ -332,7 +332,6 @@ def test_watchdog_pings_stop_while_the_observer_or_the_walker_is_dead(
         f"thumbnails: {{dir: '{tmp_path / 'var' / 'thumbs'}'}}\n"
         "workers: {count: 1}\nmetrics: {listen: ''}\n"
     )
-    daemon = Daemon(load_config(str(config_path)))
     state: dict[str, Any] = {"step": "ready", "dead_turns_due": 0, "restarted_at": None}
     deadline = time.monotonic() + 60
 
@@ -354,7 +353,7 @@ def test_watchdog_pings_stop_while_the_observer_or_the_walker_is_dead(
             state["last_ping"] = time.monotonic()
             # The loop replaces a dead observer at its next check (every 2 s); start that
             # clock now so the gate is seen holding back pings for a whole check interval.
-            d._last_root_check = time.monotonic()
+            d.watcher._checked_at = time.monotonic()
         elif step == "observer dead":
             if d.watcher.observer_alive():
                 # The daemon restarted it (it checks every 2 s): pings may resume.
@@ -378,7 +377,7 @@ def test_watchdog_pings_stop_while_the_observer_or_the_walker_is_dead(
                 os.kill(os.getpid(), signal.SIGTERM)  # the daemon's own handler takes it
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    daemon.on_tick = tick
+    daemon = Daemon(load_config(str(config_path)), on_turn=tick)
     try:
         assert daemon.run() == 0
     finally:

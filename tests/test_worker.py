@@ -8,12 +8,20 @@ import os
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
 import pytest
 from PIL import Image
 
 from photoscand.children import Child
+from photoscand.protocol import (
+    ConversionFailed,
+    ConversionJob,
+    ConversionResult,
+    Converted,
+    SharedBytes,
+    ThumbnailSettings,
+    WorkerReady,
+)
 from photoscand.worker import conversion_main
 from tests.conftest import CORPUS
 
@@ -32,11 +40,11 @@ class Window:
         self.path = f"/proc/{os.getpid()}/fd/{self.fd}"
         self.used = 0
 
-    def put(self, data: bytes) -> tuple[str, int, int, bool]:
+    def put(self, data: bytes) -> SharedBytes:
         offset = self.used
         self.map[offset : offset + len(data)] = data
         self.used += len(data)
-        return (self.path, offset, len(data), True)
+        return SharedBytes(self.path, offset, len(data), True)
 
     def close(self) -> None:
         self.map.close()
@@ -46,24 +54,23 @@ class Window:
 @pytest.fixture
 def worker(tmp_path: Path) -> Iterator[Connection]:
     """A worker limited to LIMIT_MB, started the way the supervisor starts it."""
-    settings = {
-        "sizes": [256],
-        "format": "jpeg",
-        "quality": 80,
-        "out_dir": str(tmp_path / "thumbs"),
-        "max_pixels": 400_000_000,
-        "backend": "pillow",
-        "memory_limit_mb": LIMIT_MB,
-    }
+    settings = ThumbnailSettings(
+        sizes=(256,),
+        format="jpeg",
+        quality=80,
+        out_dir=str(tmp_path / "thumbs"),
+        max_pixels=400_000_000,
+        memory_limit_mb=LIMIT_MB,
+    )
     ctx = multiprocessing.get_context("forkserver")
     child = Child(ctx, conversion_main, (settings,), name="test-worker")
     assert child.conn.poll(60), "the worker did not start"
-    assert "ready" in child.conn.recv()
+    assert isinstance(child.conn.recv(), WorkerReady)
     yield child.conn
     child.close(graceful=True)
 
 
-def convert(conn: Connection, job: dict[str, Any]) -> dict[str, Any]:
+def convert(conn: Connection, job: ConversionJob) -> ConversionResult:
     conn.send(job)
     assert conn.poll(120), "no answer from the worker"
     return conn.recv()
@@ -75,18 +82,16 @@ def test_a_prefetch_window_larger_than_the_memory_limit_leaves_the_decode_budget
     window = Window(WINDOW)
     try:
         photo = window.put(SAMPLE.read_bytes())
-        result = convert(worker, {"id": 1, "path": b"/nonexistent", "format": "jpeg",
-                                  "orientation": None, "shm": photo})  # fmt: skip
-        assert result["ok"], result
-        assert len(result["thumbnails"]) == 1
+        result = convert(worker, ConversionJob(1, b"/nonexistent", "jpeg", None, shared=photo))
+        assert isinstance(result, Converted), result
+        assert len(result.thumbnails) == 1
 
         # The limit still bounds decoding: 12,000 x 9,000 RGB pixels need ~400 MB.
         bomb = tmp_path / "bomb.png"
         Image.new("RGB", (12_000, 9_000), (40, 90, 160)).save(bomb, compress_level=1)
         photo = window.put(bomb.read_bytes())
-        result = convert(worker, {"id": 2, "path": b"/nonexistent", "format": "png",
-                                  "orientation": None, "shm": photo})  # fmt: skip
-        assert not result["ok"]
-        assert result["reason"] == "too_large", result
+        result = convert(worker, ConversionJob(2, b"/nonexistent", "png", None, shared=photo))
+        assert isinstance(result, ConversionFailed), result
+        assert result.reason == "too_large", result
     finally:
         window.close()

@@ -12,29 +12,23 @@ import time
 
 from photoscand import formats, outcomes
 from photoscand.converters import color, heif, magick, output, pillow, raw
-from photoscand.converters.model import (
-    Conversion,
-    ConversionError,
-    Thumbnail,
-    ThumbnailSpec,
-)
+from photoscand.converters.model import Conversion, ConversionError
 from photoscand.converters.output import remove_stale_temp_files, thumbnail_path
+from photoscand.protocol import BACKENDS, ThumbnailFile, ThumbnailSettings
 
 __all__ = [
     "BACKENDS",
     "HASH_ALGORITHM",
     "Conversion",
     "ConversionError",
-    "Thumbnail",
-    "ThumbnailSpec",
+    "ThumbnailFile",
+    "ThumbnailSettings",
     "available_formats",
     "convert",
     "detect_format",
     "remove_stale_temp_files",
     "thumbnail_path",
 ]
-
-BACKENDS = ("pillow", "magick")
 
 # SHA-256: with the SHA-NI instructions of current x86 CPUs it hashes ~1.6 GB/s here (1.9 ms
 # for a 3 MB photo), as fast as SHA-1 and twice BLAKE2b's speed, and it is collision-resistant.
@@ -59,9 +53,8 @@ _FOREIGN_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
 
 def convert(
     data: bytes | memoryview,
-    spec: ThumbnailSpec,
+    spec: ThumbnailSettings,
     *,
-    backend: str = "pillow",
     format_hint: str | None = None,
     orientation: int | None = None,
     reuse_existing: bool = True,
@@ -72,8 +65,6 @@ def convert(
     orientation, used only where the decoder cannot tell (RAW). With reuse_existing, a photo
     whose thumbnails all exist already (a move, a duplicate) is not decoded again.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     content_hash = hashlib.new(HASH_ALGORITHM, data).hexdigest()
@@ -86,7 +77,7 @@ def convert(
         if found is not None:
             return Conversion(content_hash, found, timings, reused=True)
     try:
-        written, source = _convert(data, spec, backend, format_hint, orientation, paths, timings)
+        written, source = _convert(data, spec, format_hint, orientation, paths, timings)
     except MemoryError:
         raise ConversionError(
             outcomes.TOO_LARGE,
@@ -141,18 +132,17 @@ def available_formats(backend: str = "pillow") -> dict[str, str | None]:
 
 def _convert(
     data: bytes | memoryview,
-    spec: ThumbnailSpec,
-    backend: str,
+    spec: ThumbnailSettings,
     format_hint: str | None,
     orientation: int | None,
     paths: dict[int, str],
     timings: dict[str, float],
-) -> tuple[dict[int, Thumbnail], str]:
+) -> tuple[dict[int, ThumbnailFile], str]:
     fmt = detect_format(data, format_hint)
     pillow.configure(spec.max_pixels)
     if fmt in formats.RAW_FORMATS:
         return _convert_raw(data, fmt, spec, orientation, paths, timings)
-    if backend == "magick":
+    if spec.backend == "magick":
         return _convert_magick(data, fmt, spec, orientation, paths, timings)
     if (needed := _pillow_missing(fmt)) is not None:
         raise ConversionError(outcomes.UNSUPPORTED, f"{fmt.upper()} needs {needed}")
@@ -173,11 +163,11 @@ def _convert(
 def _convert_magick(
     data: bytes | memoryview,
     fmt: str,
-    spec: ThumbnailSpec,
+    spec: ThumbnailSettings,
     orientation: int | None,
     paths: dict[int, str],
     timings: dict[str, float],
-) -> tuple[dict[int, Thumbnail], str]:
+) -> tuple[dict[int, ThumbnailFile], str]:
     clock = time.perf_counter()
     full_size = None
     convert_profile = False
@@ -216,11 +206,11 @@ def _pillow_missing(fmt: str) -> str | None:
 def _convert_raw(
     data: bytes | memoryview,
     fmt: str,
-    spec: ThumbnailSpec,
+    spec: ThumbnailSettings,
     orientation: int | None,
     paths: dict[int, str],
     timings: dict[str, float],
-) -> tuple[dict[int, Thumbnail], str]:
+) -> tuple[dict[int, ThumbnailFile], str]:
     """Camera RAW, for either backend: LibRaw finds the pixels, the Pillow path renders them."""
     clock = time.perf_counter()
     pixels = raw.extract(data, fmt, spec, orientation)
@@ -238,10 +228,10 @@ def _convert_raw(
 
 def _render(
     decoded: pillow.Decoded,
-    spec: ThumbnailSpec,
+    spec: ThumbnailSettings,
     paths: dict[int, str],
     timings: dict[str, float],
-) -> tuple[dict[int, Thumbnail], str]:
+) -> tuple[dict[int, ThumbnailFile], str]:
     mode = decoded.image.mode
     try:
         return pillow.render(decoded, spec, paths, timings), decoded.source

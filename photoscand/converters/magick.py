@@ -24,8 +24,9 @@ from PIL import Image
 
 from photoscand import outcomes
 from photoscand.converters import jpegdraft
-from photoscand.converters.model import ConversionError, Thumbnail, ThumbnailSpec
+from photoscand.converters.model import ConversionError
 from photoscand.converters.output import commit_file, discard, make_folder, temp_name
+from photoscand.protocol import ThumbnailFile, ThumbnailSettings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 POLICY_DIR = HERE  # policy.xml
@@ -152,7 +153,7 @@ def child_environment() -> dict[str, str]:
 
 def command(
     fmt: str,
-    spec: ThumbnailSpec,
+    spec: ThumbnailSettings,
     size_hint: tuple[int, int],
     outputs: list[tuple[int, str]],
     *,
@@ -199,13 +200,13 @@ def command(
 def convert(
     data: bytes | memoryview,
     fmt: str,
-    spec: ThumbnailSpec,
+    spec: ThumbnailSettings,
     full_size: tuple[int, int] | None,
     paths: dict[int, str],
     timings: dict[str, float],
     *,
     convert_profile: bool = False,
-) -> dict[int, Thumbnail]:
+) -> dict[int, ThumbnailFile]:
     """Run ImageMagick once for every size; full_size (from the header, if known) sizes the
     shrink-on-load hint; convert_profile as for command()."""
     sizes = sorted(paths, reverse=True)
@@ -220,7 +221,7 @@ def convert(
         stderr = run(argv, data, cwd=folder)
         timings["magick"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        written: dict[int, Thumbnail] = {}
+        written: dict[int, ThumbnailFile] = {}
         for size in sizes:
             try:
                 with Image.open(temps[size]) as im:
@@ -231,7 +232,7 @@ def convert(
                     outcomes.CORRUPT, f"ImageMagick wrote no readable {spec.format}{detail}"
                 ) from exc
             commit_file(temps[size], paths[size])
-            written[size] = Thumbnail(size, paths[size], width, height)
+            written[size] = ThumbnailFile(size, paths[size], width, height)
         timings["write"] = time.perf_counter() - clock
         return written
     finally:

@@ -15,7 +15,8 @@ import secrets
 from PIL import Image
 
 from photoscand import outcomes
-from photoscand.converters.model import OUTPUT_FORMATS, ConversionError, Thumbnail, ThumbnailSpec
+from photoscand.converters.model import ConversionError
+from photoscand.protocol import OUTPUT_FORMATS, ThumbnailFile, ThumbnailSettings
 
 # Temporary files are hidden (".") and end in TEMP_SUFFIX, so a start-up sweep can find the
 # leftovers of a killed worker and the watcher would ignore them even in a watched folder.
@@ -38,7 +39,7 @@ def thumbnail_path(out_dir: str, content_hash: str, size: int, fmt: str) -> str:
     )
 
 
-def targets(spec: ThumbnailSpec, content_hash: str) -> dict[int, str]:
+def targets(spec: ThumbnailSettings, content_hash: str) -> dict[int, str]:
     """Each distinct size's final path."""
     return {
         size: thumbnail_path(spec.out_dir, content_hash, size, spec.format)
@@ -46,23 +47,23 @@ def targets(spec: ThumbnailSpec, content_hash: str) -> dict[int, str]:
     }
 
 
-def existing(spec: ThumbnailSpec, paths: dict[int, str]) -> list[Thumbnail] | None:
+def existing(spec: ThumbnailSettings, paths: dict[int, str]) -> list[ThumbnailFile] | None:
     """The thumbnails of a conversion done before (in spec.sizes order), or None if any is missing.
 
     Dimensions come from each file's header; a file that cannot be read counts as missing.
     """
-    found: dict[int, Thumbnail] = {}
+    found: dict[int, ThumbnailFile] = {}
     for size, path in paths.items():
         try:
             with Image.open(path) as im:
                 width, height = im.size
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None
-        found[size] = Thumbnail(size=size, path=path, width=width, height=height)
+        found[size] = ThumbnailFile(size=size, path=path, width=width, height=height)
     return ordered(spec, found)
 
 
-def ordered(spec: ThumbnailSpec, by_size: dict[int, Thumbnail]) -> list[Thumbnail]:
+def ordered(spec: ThumbnailSettings, by_size: dict[int, ThumbnailFile]) -> list[ThumbnailFile]:
     """Thumbnails in the configured order, each size once."""
     seen: set[int] = set()
     out = []

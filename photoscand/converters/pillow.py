@@ -20,8 +20,9 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from photoscand import outcomes
 from photoscand.converters import color, heif, jpegdraft
-from photoscand.converters.model import ConversionError, Thumbnail, ThumbnailSpec
+from photoscand.converters.model import ConversionError
 from photoscand.converters.output import write_file
+from photoscand.protocol import ThumbnailFile, ThumbnailSettings
 
 # Sniffed format -> the Pillow plugins allowed to open it (nothing else is ever tried).
 PLUGINS: dict[str, list[str]] = {
@@ -239,7 +240,7 @@ def open_image(data: bytes | memoryview, fmt: str, max_pixels: int) -> Image.Ima
 def decode(
     data: bytes | memoryview,
     fmt: str,
-    spec: ThumbnailSpec,
+    spec: ThumbnailSettings,
     *,
     orientation: int | None = None,
 ) -> Decoded:
@@ -311,10 +312,10 @@ def read_orientation(im: Image.Image) -> int:
 
 def render(
     decoded: Decoded,
-    spec: ThumbnailSpec,
+    spec: ThumbnailSettings,
     paths: dict[int, str],
     timings: dict[str, float],
-) -> dict[int, Thumbnail]:
+) -> dict[int, ThumbnailFile]:
     """Resize, convert to sRGB, orient, encode and write every size, largest first; each
     smaller size is made from the previous (already oriented) one."""
     clock = time.perf_counter()
@@ -333,7 +334,7 @@ def render(
     if method is not None:
         im = im.transpose(method)
     clock = _lap(timings, "orient", clock)
-    written: dict[int, Thumbnail] = {}
+    written: dict[int, ThumbnailFile] = {}
     for i, size in enumerate(spec.descending()):
         if i:
             im = _resize(im, jpegdraft.fitted(*im.size, size))
@@ -342,11 +343,11 @@ def render(
         clock = _lap(timings, "encode", clock)
         write_file(paths[size], payload)
         clock = _lap(timings, "write", clock)
-        written[size] = Thumbnail(size, paths[size], im.size[0], im.size[1])
+        written[size] = ThumbnailFile(size, paths[size], im.size[0], im.size[1])
     return written
 
 
-def encode(im: Image.Image, spec: ThumbnailSpec) -> bytes:
+def encode(im: Image.Image, spec: ThumbnailSettings) -> bytes:
     """The thumbnail's bytes, with no metadata (no EXIF, XMP or ICC: the pixels are sRGB)."""
     im.info = {}
     buffer = io.BytesIO()

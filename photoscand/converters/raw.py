@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 from photoscand import outcomes
-from photoscand.converters.model import ConversionError, ThumbnailSpec
+from photoscand.converters.model import ConversionError
+from photoscand.protocol import ThumbnailSettings
 
 # LibRaw's flip (dcraw bits: 1 mirror horizontally, 2 mirror vertically, 4 transpose) -> EXIF.
 _FLIP_TO_EXIF = {0: 1, 1: 2, 2: 4, 3: 3, 4: 5, 5: 8, 6: 6, 7: 7}
@@ -40,7 +41,7 @@ def missing() -> str | None:
 
 
 def extract(
-    data: bytes | memoryview, fmt: str, spec: ThumbnailSpec, orientation_hint: int | None
+    data: bytes | memoryview, fmt: str, spec: ThumbnailSettings, orientation_hint: int | None
 ) -> RawPixels:
     """The best pixels for spec's largest size: a large enough preview, else a (half) decode,
     else the largest preview there is."""
