@@ -1,4 +1,5 @@
-"""Model C on a simulated hard disk: `photoscand scan`, direct vs prefetch, next to ImageMagick.
+"""Prefetch mode on a simulated hard disk: `photoscand scan`, direct vs prefetch, next to
+ImageMagick.
 
 Every method runs interleaved in one set, on the simulated disk (bench/hddsim.py) and on the
 machine's own SSD, so that the disk's share of each method's time shows as a same-rep ratio.
@@ -223,8 +224,9 @@ def scan_method(key: str, mode: str, workers: int, profile: bool) -> h.Method:
     )
 
 
-def magick_through_cat(model: str) -> h.Method:
-    """ImageMagick Model A or B, reading each photo through `cat FILE | convert jpg:- ...`.
+def magick_through_cat(parallel: bool) -> h.Method:
+    """ImageMagick (two at a time, or one with two threads), reading each photo through
+    `cat FILE | convert jpg:- ...`.
 
     convert maps its input file (mmap); with no page cache (the simulator's mount) every 4 KiB
     page fault becomes a request of its own, and two converts interleave them: ~190 seeks per
@@ -232,7 +234,7 @@ def magick_through_cat(model: str) -> h.Method:
     a time, so the simulated disk sees the requests a real one would. It is used on the SSD
     too, so that both disks run the same commands.
     """
-    method = y.magick_method(model, SIZES)
+    method = y.magick_method(parallel, SIZES)
     build = method.build
 
     def piped(ctx: h.RunContext) -> h.Invocation:
@@ -272,8 +274,8 @@ BASES: list[tuple[str, Callable[[bool], h.Method], bool]] = [
     ("direct4", lambda p: scan_method("direct4", "direct", 4, p), True),
     ("prefetch2", lambda p: scan_method("prefetch2", "prefetch", 2, p), True),
     ("prefetch1", lambda p: scan_method("prefetch1", "prefetch", 1, p), True),
-    ("im_A", lambda _p: magick_through_cat("A"), False),
-    ("im_B", lambda _p: magick_through_cat("B"), False),
+    ("im_threads", lambda _p: magick_through_cat(False), False),
+    ("im_parallel", lambda _p: magick_through_cat(True), False),
 ]
 SHUFFLED_BASES = ("direct2", "prefetch2")
 WHERE_LABEL = {
@@ -509,9 +511,9 @@ def render_notes(
         f"time, which happens when the machine is busy): {late} in all runs.",
         "ImageMagick reads its input through `cat FILE | convert jpg:- …` on both disks: "
         "convert maps its input, and without a page cache every 4 KiB page fault would be a "
-        "request of its own (measured: ~190 seeks per photo for Model B), where a real kernel "
-        "reads ahead 128 KiB at a time, as cat does. Otherwise the commands are those of the "
-        "thumbnails section (jpeg:size hint, -thumbnail, -auto-orient, -strip, q80).",
+        "request of its own (measured: ~190 seeks per photo for two converts at a time), where "
+        "a real kernel reads ahead 128 KiB at a time, as cat does. Otherwise the commands are "
+        "those of the thumbnails section (jpeg:size hint, -thumbnail, -auto-orient, -strip, q80).",
         "× same on SSD: files/s on the simulated disk over files/s of the same method on the "
         "SSD in the same rep; × direct: over photoscand direct with 2 workers on the same disk "
         "in the same rep; medians over reps.",

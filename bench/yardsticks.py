@@ -308,15 +308,16 @@ def djpeg_method(denominator: int, procs: int = 2):
     )
 
 
-def magick_method(model: str, sizes: tuple[int, ...], quality: int = 80):
-    """ImageMagick 6 `convert`: Model A = one at a time with 2 threads, Model B = 2 single-threaded.
+def magick_method(parallel: bool, sizes: tuple[int, ...], quality: int = 80):
+    """ImageMagick 6 `convert`: two single-threaded converts at a time (``parallel``, as
+    photoscand's pool runs), or one at a time with two threads.
 
     One decode per photo (jpeg:size shrink-on-load hint for the largest size, -thumbnail,
     -auto-orient after shrinking, -strip), every further size made from the previous with -write.
     """
     from harness import Invocation, Method
 
-    procs, threads = (1, 2) if model == "A" else (2, 1)
+    procs, threads = (2, 1) if parallel else (1, 2)
     hint = sizes[0] if sizes[0] >= 1000 else 2 * sizes[0]
 
     def build(ctx):
@@ -331,10 +332,10 @@ def magick_method(model: str, sizes: tuple[int, ...], quality: int = 80):
             argv += [target] if i == len(sizes) - 1 else ["-write", target]
         return Invocation(argv)
 
-    label = f"ImageMagick Model {model} ({procs} at a time, {threads} thread{'s' * (threads > 1)})"
+    label = f"ImageMagick ({procs} at a time, {threads} thread{'s' * (threads > 1)})"
     label += f", jpeg:size={hint}, -thumbnail"
     return Method(
-        f"im_{model}",
+        "im_parallel" if parallel else "im_threads",
         label,
         build,
         check=thumbnails_checker(sizes),
@@ -416,8 +417,8 @@ def thumbnail_yardsticks(sizes: tuple[int, ...] = (1440, 256), quality: int = 80
         pool_method("pil", sizes, quality),
         pool_method("vips", sizes, quality),
         vipsthumbnail_method(sizes, quality),
-        magick_method("B", sizes, quality),
-        magick_method("A", sizes, quality),
+        magick_method(True, sizes, quality),
+        magick_method(False, sizes, quality),
     ]
     return methods
 

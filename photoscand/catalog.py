@@ -98,9 +98,11 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 }
 
 
-_UPSERT_COLUMNS = ("path", "display_path", "size", "mtime_ns", "dev", "ino", "status",
-                   "attempts", "retry_at", "queued_at", "error", "content_hash", "converted_at",
-                   "reconvert", "discovered_at", *META_COLUMNS)  # fmt: skip
+_UPSERT_COLUMNS = (
+    *"path display_path size mtime_ns dev ino status attempts retry_at queued_at error".split(),
+    *"content_hash converted_at reconvert discovered_at".split(),
+    *META_COLUMNS,
+)
 # A known path keeps its id and discovered_at; everything else starts over.
 _UPSERT = (
     f"INSERT INTO images ({', '.join(_UPSERT_COLUMNS)})"
@@ -142,7 +144,6 @@ class Known:
     dev: int
     ino: int
     status: str
-    has_thumbnails: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,12 +395,10 @@ class Catalog:
     def lookup(self, path: bytes) -> Known | None:
         """The row for a path, if any."""
         row = self._conn.execute(
-            "SELECT id, path, size, mtime_ns, dev, ino, status,"
-            " EXISTS(SELECT 1 FROM thumbnails WHERE image_id = images.id)"
-            " FROM images WHERE path = ?",
+            "SELECT id, path, size, mtime_ns, dev, ino, status FROM images WHERE path = ?",
             (path,),
         ).fetchone()
-        return Known(*row[:7], bool(row[7])) if row else None
+        return Known(*row) if row else None
 
     def same_inode(
         self, dev: int, ino: int, size: int, mtime_ns: int, limit: int = 64
@@ -429,9 +428,24 @@ class Catalog:
         return self._write(self._op_upsert, st, meta, now, known)
 
     def _op_upsert(self, st: FileStat, meta: PhotoMetadata, now: float, known: bool) -> int:
-        values = [st.path, display_of(st.path), st.size, st.mtime_ns, st.dev, st.ino, "pending",
-                  0, None, now, None, None, None, 0, utc_now_iso(now),
-                  *_meta_values(meta)]  # fmt: skip
+        values = [
+            st.path,
+            display_of(st.path),
+            st.size,
+            st.mtime_ns,
+            st.dev,
+            st.ino,
+            "pending",
+            0,
+            None,
+            now,
+            None,
+            None,
+            None,
+            0,
+            utc_now_iso(now),
+            *_meta_values(meta),
+        ]
         image_id = int(self._conn.execute(_UPSERT, values).fetchone()[0])
         if known:
             self._conn.execute("DELETE FROM thumbnails WHERE image_id = ?", (image_id,))
@@ -666,9 +680,14 @@ class Catalog:
         self._write(self._op_failure, image_id, error, transient, max_attempts, backoff, now)
 
     def _op_failure(
-        self, image_id: int, error: str, transient: bool, max_attempts: int, backoff: float,
+        self,
+        image_id: int,
+        error: str,
+        transient: bool,
+        max_attempts: int,
+        backoff: float,
         now: float,
-    ) -> None:  # fmt: skip
+    ) -> None:
         row = self._conn.execute(
             "SELECT attempts FROM images WHERE id = ? AND status = 'converting'", (image_id,)
         ).fetchone()

@@ -51,8 +51,13 @@ def _parser() -> argparse.ArgumentParser:
         )
     status = sub.add_parser("status", parents=[common], help="counts, progress and failures")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--failures", type=int, default=10, metavar="N",
-                        help="how many recent failures to list (default 10)")  # fmt: skip
+    status.add_argument(
+        "--failures",
+        type=int,
+        default=10,
+        metavar="N",
+        help="how many recent failures to list (default 10)",
+    )
     retry = sub.add_parser("retry", parents=[common], help="put failed images back to pending")
     retry.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (default all)")
     retry.add_argument(

@@ -1012,13 +1012,3 @@ def to_dict(config: Config) -> dict[str, Any]:
     data["file"] = config.file
     data["sources"] = dict(config.sources)
     return data
-
-
-def from_dict(data: Mapping[str, Any]) -> Config:
-    """Rebuild a Config from ``to_dict`` output (in a child process); values are trusted."""
-    fields: dict[str, dict[str, object]] = {section: {} for section in SECTIONS}
-    for key in _KEY_LIST:
-        value = data[key.section][key.key]
-        fields[key.section][key.key] = tuple(value) if isinstance(value, list) else value
-    sections = {section: cls(**fields[section]) for section, cls in SECTIONS.items()}
-    return Config(**sections, file=data.get("file"), sources=dict(data.get("sources", {})))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 
-# Extensions that make a file a photo (DESIGN.md, "Which files"), lower case, no dot.
+# Extensions that make a file a photo (docs/architecture.md, "Which files are photos"),
+# lower case, no dot.
 PHOTO_EXTENSIONS: frozenset[str] = frozenset(
     "jpg jpeg jpe png tif tiff webp gif heic heif hif avif dng cr2 cr3 crw nef nrw arw srf "
     "sr2 orf rw2 raf pef srw x3f mrw 3fr erf kdc dcr iiq".split()
@@ -37,9 +38,8 @@ TEMPORARY_SUFFIXES: tuple[bytes, ...] = (b".part", b".tmp", b".crdownload", b".p
 # How many leading bytes ``sniff_format`` needs.
 SNIFF_BYTES = 64
 
-_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1",
-                b"msf1", b"mif2", b"miaf"}  # fmt: skip
-_AVIF_BRANDS = {b"avif", b"avis"}
+_HEIF_BRANDS = frozenset(b"heic heix hevc hevx heim heis hevm hevs mif1 msf1 mif2 miaf".split())
+_AVIF_BRANDS = frozenset((b"avif", b"avis"))
 
 
 def extension(name: bytes | str) -> str:

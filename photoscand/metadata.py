@@ -598,6 +598,35 @@ def _parse_jpeg(p: _Parse) -> None:
     _scan_jpeg(p, 0, p.src.size, want_size=True)
 
 
+def _jpeg_stray_bytes(p: _Parse, pos: int) -> int | None:
+    """How many stray bytes between segments to skip to the next marker (libjpeg skips them
+    with a warning, and so does exiftool; so do we, within a bound), or None when none
+    follows."""
+    window = p.src.read(pos, HEAD_BYTES)
+    i = window.find(b"\xff")
+    while 0 <= i < len(window) - 1 and window[i + 1] in (0x00, 0xFF):
+        i = window.find(b"\xff", i + 1)
+    if i < 0 or i >= len(window) - 1:
+        p.problem(CORRUPT, f"no JPEG marker after byte {pos}")
+        return None
+    return i
+
+
+def _jpeg_frame(p: _Parse, pos: int) -> bool:
+    """The size from the SOF segment at ``pos``; False when the file ends inside it."""
+    frame = p.src.read(pos + 4, 5)
+    if len(frame) < 5:
+        p.problem(TRUNCATED, "the JPEG ends inside its frame header")
+        return False
+    height = frame[1] << 8 | frame[2]
+    width = frame[3] << 8 | frame[4]
+    if height == 0 and width > 0:
+        p.problem(UNSUPPORTED, "the JPEG height is defined later by a DNL marker")
+    else:
+        p.size(width, height, "the JPEG frame header")
+    return True
+
+
 def _scan_jpeg(p: _Parse, start: int, end: int, want_size: bool) -> None:
     """Walk the JPEG markers from SOI to SOS: the first SOF's size, the first Exif APP1."""
     src = p.src
@@ -610,16 +639,10 @@ def _scan_jpeg(p: _Parse, start: int, end: int, want_size: bool) -> None:
             p.problem(TRUNCATED, "the JPEG ends before its image data")
             break
         if b[0] != 0xFF:
-            # Stray bytes between segments: libjpeg skips to the next marker with a warning,
-            # and so does exiftool; so do we, within a bound.
-            window = src.read(pos, HEAD_BYTES)
-            i = window.find(b"\xff")
-            while 0 <= i < len(window) - 1 and window[i + 1] in (0x00, 0xFF):
-                i = window.find(b"\xff", i + 1)
-            if i < 0 or i >= len(window) - 1:
-                p.problem(CORRUPT, f"no JPEG marker after byte {pos}")
+            skip = _jpeg_stray_bytes(p, pos)
+            if skip is None:
                 break
-            pos += i
+            pos += skip
             continue
         marker = b[1]
         if marker == 0xFF:  # fill byte before a marker
@@ -641,16 +664,8 @@ def _scan_jpeg(p: _Parse, start: int, end: int, want_size: bool) -> None:
             break
         if marker in _SOF_MARKERS and not found_size:
             found_size = True
-            frame = src.read(pos + 4, 5)
-            if len(frame) < 5:
-                p.problem(TRUNCATED, "the JPEG ends inside its frame header")
+            if not _jpeg_frame(p, pos):
                 break
-            height = frame[1] << 8 | frame[2]
-            width = frame[3] << 8 | frame[4]
-            if height == 0 and width > 0:
-                p.problem(UNSUPPORTED, "the JPEG height is defined later by a DNL marker")
-            else:
-                p.size(width, height, "the JPEG frame header")
         elif marker == 0xE1:
             tag = src.read(pos + 4, len(_XMP_APP1))
             if not exif_found and tag[:5] == b"Exif\x00":
@@ -875,8 +890,11 @@ def _parse_tiff(p: _Parse) -> None:
         fh.close()
     if p.fmt == "cr2" and p.width is None:
         # CR2's raw IFD has no size tags; exiftool reports the Exif IFD's size, and so do we.
-        p.size(_tag_int(p.tags, "EXIF ExifImageWidth"), _tag_int(p.tags, "EXIF ExifImageLength"),
-               "the CR2 Exif IFD")  # fmt: skip
+        p.size(
+            _tag_int(p.tags, "EXIF ExifImageWidth"),
+            _tag_int(p.tags, "EXIF ExifImageLength"),
+            "the CR2 Exif IFD",
+        )
 
 
 def _tiff_size(
@@ -1195,8 +1213,11 @@ def _parse_cr3(p: _Parse) -> None:
                             _exif_tiff(p, io.BytesIO(block), len(block), 0, kind_of, block)
         except _Bad as exc:
             p.problem(CORRUPT, f"CR3 moov box: {exc}")
-        p.size(_tag_int(p.tags, "Image ImageWidth"), _tag_int(p.tags, "Image ImageLength"),
-               "the CR3 CMT1 IFD")  # fmt: skip
+        p.size(
+            _tag_int(p.tags, "Image ImageWidth"),
+            _tag_int(p.tags, "Image ImageLength"),
+            "the CR3 CMT1 IFD",
+        )
         return
     p.problem(CORRUPT, "the CR3 file has no moov box")
 

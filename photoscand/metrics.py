@@ -71,16 +71,21 @@ class Metrics:
         PlatformCollector(registry=r)
         p = "photoscand_"
 
-        self.build_info = Gauge(p + "build_info", "Version of the running daemon (always 1).",
-                                ["version", "python"], registry=r)  # fmt: skip
+        self.build_info = Gauge(
+            p + "build_info",
+            "Version of the running daemon (always 1).",
+            ["version", "python"],
+            registry=r,
+        )
         self.build_info.labels(__version__, platform.python_version()).set(1)
 
         # -- phase 1 ----------------------------------------------------------------
         self.files_discovered = Counter(
             p + "files_discovered",
             "Photos that got a new or refreshed catalog row, by what found them.",
-            ["source"], registry=r,
-        )  # fmt: skip
+            ["source"],
+            registry=r,
+        )
         self.walk_unannounced_files = Counter(
             p + "walk_unannounced_files",
             "Photos a periodic walk found that no filesystem event had announced"
@@ -93,52 +98,61 @@ class Metrics:
         self.metadata_duration = Histogram(
             p + "metadata_duration_seconds",
             "Phase 1: time to parse one file's metadata in the metadata process.",
-            buckets=METADATA_BUCKETS, registry=r,
-        )  # fmt: skip
+            buckets=METADATA_BUCKETS,
+            registry=r,
+        )
         self.ingest_delay = Histogram(
             p + "ingest_delay_seconds",
             "Phase 1: from a file being complete (closed, moved in, settled or walked)"
             " to its row being committed.",
-            buckets=DELAY_BUCKETS, registry=r,
-        )  # fmt: skip
+            buckets=DELAY_BUCKETS,
+            registry=r,
+        )
         self.metadata_problems = Counter(
             p + "metadata_problems",
             "Phase 1 problems that still gave a row: parser timeouts, parser crashes,"
             " unreadable EXIF.",
-            ["problem"], registry=r,
-        )  # fmt: skip
-        self.queue_depth = Gauge(
-            p + "queue_depth", "Items waiting between the daemon's stages.", ["queue"],
+            ["problem"],
             registry=r,
-        )  # fmt: skip
+        )
+        self.queue_depth = Gauge(
+            p + "queue_depth",
+            "Items waiting between the daemon's stages.",
+            ["queue"],
+            registry=r,
+        )
 
         # -- catalog ----------------------------------------------------------------
         self.images = Gauge(p + "images", "Catalog rows per status.", ["status"], registry=r)
         self.failed_images = Gauge(
             p + "failed_images",
             "Catalog rows in status failed, by reason (what `photoscand status` lists).",
-            ["reason"], registry=r,
-        )  # fmt: skip
+            ["reason"],
+            registry=r,
+        )
         self.oldest_pending_age = Gauge(
             p + "oldest_pending_age_seconds",
             "Age of the longest-waiting image not yet converted (0 when none).",
             registry=r,
         )
-        self.catalog_commits = Counter(p + "catalog_commits", "Catalog transactions committed.",
-                                       registry=r)  # fmt: skip
+        self.catalog_commits = Counter(
+            p + "catalog_commits", "Catalog transactions committed.", registry=r
+        )
         self.catalog_commit_duration = Histogram(
-            p + "catalog_commit_duration_seconds", "Time to commit one catalog batch.",
+            p + "catalog_commit_duration_seconds",
+            "Time to commit one catalog batch.",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 2.5),
             registry=r,
-        )  # fmt: skip
+        )
         self.catalog_wal_bytes = Gauge(
             p + "catalog_wal_bytes", "Size of the catalog's write-ahead log.", registry=r
         )
         self.disk_full = Gauge(
             p + "disk_full",
             "1 while a full disk pauses work (thumbnails: phase 2; catalog: all writes).",
-            ["location"], registry=r,
-        )  # fmt: skip
+            ["location"],
+            registry=r,
+        )
 
         # -- phase 2 ----------------------------------------------------------------
         self.conversions = Counter(
@@ -147,21 +161,25 @@ class Metrics:
         self.conversion_failures = Counter(
             p + "conversion_failures",
             "Conversion failures by reason (transient ones count each attempt).",
-            ["reason"], registry=r,
-        )  # fmt: skip
+            ["reason"],
+            registry=r,
+        )
         self.conversion_duration = Histogram(
             p + "conversion_duration_seconds",
             "Phase 2: time a worker spent on one image (read, decode, resize, encode).",
-            buckets=CONVERSION_BUCKETS, registry=r,
-        )  # fmt: skip
+            buckets=CONVERSION_BUCKETS,
+            registry=r,
+        )
         self.conversion_stage_seconds = Counter(
             p + "conversion_stage_seconds",
             "Worker time per conversion stage (where phase 2's time goes).",
-            ["stage"], registry=r,
-        )  # fmt: skip
+            ["stage"],
+            registry=r,
+        )
         self.workers = Gauge(p + "workers", "Worker processes alive.", registry=r)
-        self.workers_busy = Gauge(p + "workers_busy", "Workers converting an image now.",
-                                  registry=r)  # fmt: skip
+        self.workers_busy = Gauge(
+            p + "workers_busy", "Workers converting an image now.", registry=r
+        )
         self.workers_idle = Gauge(
             p + "workers_idle",
             "Workers started and ready, holding no image (the rest of `workers` are starting).",
@@ -176,14 +194,15 @@ class Metrics:
 
         # -- prefetch (io.mode: prefetch) ------------------------------------------------
         self.prefetch_window_bytes = Gauge(
-            p + "prefetch_window_bytes", "Bytes of photos held in the prefetch window.",
+            p + "prefetch_window_bytes",
+            "Bytes of photos held in the prefetch window.",
             registry=r,
-        )  # fmt: skip
+        )
         self.prefetch_window_limit_bytes = Gauge(
             p + "prefetch_window_limit_bytes",
             "The prefetch window's size (io.prefetch_window_mb).",
             registry=r,
-        )  # fmt: skip
+        )
         self.prefetch_bytes_read = Counter(
             p + "prefetch_bytes_read", "Bytes the prefetcher read from disk.", registry=r
         )
@@ -219,27 +238,32 @@ class Metrics:
         self.watch_mode = Gauge(
             p + "watch_mode",
             "1 for how the roots are watched: inotify, polling, or none (`scan`).",
-            ["mode"], registry=r,
-        )  # fmt: skip
+            ["mode"],
+            registry=r,
+        )
         self.watches = Gauge(
             p + "watches", "inotify watches registered (one per watched directory).", registry=r
         )
         self.watched_directories = Gauge(
-            p + "watched_directories", "Directories the last walk found under the roots.",
+            p + "watched_directories",
+            "Directories the last walk found under the roots.",
             registry=r,
-        )  # fmt: skip
+        )
         self.observer_restarts = Counter(
-            p + "observer_restarts", "Times the filesystem observer died and was restarted.",
+            p + "observer_restarts",
+            "Times the filesystem observer died and was restarted.",
             registry=r,
-        )  # fmt: skip
+        )
         self.roots_unavailable = Gauge(
             p + "roots_unavailable",
-            "Watched roots that are missing, unreadable or look unmounted.", registry=r,
-        )  # fmt: skip
+            "Watched roots that are missing, unreadable or look unmounted.",
+            registry=r,
+        )
         self.last_walk_completed = Gauge(
             p + "last_walk_completed_timestamp_seconds",
-            "When the last full walk of the watched roots finished (unix time).", registry=r,
-        )  # fmt: skip
+            "When the last full walk of the watched roots finished (unix time).",
+            registry=r,
+        )
         self.walk_duration = Gauge(
             p + "last_walk_duration_seconds", "How long the last full walk took.", registry=r
         )
@@ -249,9 +273,11 @@ class Metrics:
             registry=r,
         )
         self.walks = Counter(
-            p + "walks", "Walks of the watched roots that finished, by why they ran.",
-            ["reason"], registry=r,
-        )  # fmt: skip
+            p + "walks",
+            "Walks of the watched roots that finished, by why they ran.",
+            ["reason"],
+            registry=r,
+        )
 
         self._preset()
 

@@ -303,8 +303,9 @@ class Prefetcher(threading.Thread):
             self.metrics.prefetch_bytes_read.inc(got)
             if got != size or (after.st_size, after.st_mtime_ns) != (size, before.st_mtime_ns):
                 self._free_unused(loaded)
-                return Loaded(job, reason=outcomes.IO_ERROR,
-                              message="the file changed while it was read")  # fmt: skip
+                return Loaded(
+                    job, reason=outcomes.IO_ERROR, message="the file changed while it was read"
+                )
             return loaded
         except OSError as exc:
             return _failed(job, exc)

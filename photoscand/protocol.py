@@ -195,7 +195,6 @@ class Converted:
     image_id: int
     content_hash: str
     thumbnails: tuple[ThumbnailFile, ...]
-    bytes_read: int
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -207,7 +206,6 @@ class ConversionFailed:
     image_id: int
     reason: str
     message: str
-    bytes_read: int
     seconds: float
 
 

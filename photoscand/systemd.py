@@ -48,8 +48,9 @@ def notify(**fields: object) -> bool:
         return False
     address = _address(raw)
     if address is None:
-        _warn_once("address", "NOTIFY_SOCKET address not supported; not notifying systemd",
-                   address=raw)  # fmt: skip
+        _warn_once(
+            "address", "NOTIFY_SOCKET address not supported; not notifying systemd", address=raw
+        )
         return False
     payload = "\n".join(f"{key}={_one_line(value)}" for key, value in fields.items()).encode()
     try:

@@ -79,14 +79,14 @@ class _Handler(FileSystemEventHandler):
         self._watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        try:
+        # An exception here would kill watchdog's thread for good (see module doc); an
+        # event that cannot be put is lost like a dropped one, and the walks catch up.
+        with contextlib.suppress(Exception):
             kind = _EVENT_KINDS.get(type(event))
             if kind is None:
                 return
             dest = _as_bytes(event.dest_path) if event.dest_path else None
             self._watcher._put(FsEvent(kind, _as_bytes(event.src_path), dest, time.monotonic()))
-        except Exception:  # see module doc: an exception here would kill the observer
-            self._watcher.handler_errors += 1
 
 
 class _OverflowLog(logging.Handler):
@@ -154,10 +154,8 @@ class Watcher:
         self._wake = wake
         self._roots = [_Root(_as_bytes(os.path.abspath(r))) for r in roots]
         self._observer: BaseObserver | None = None
-        self._lock = threading.Lock()
         self.dropped = 0  # events lost because the queue was full (read by the daemon)
         self.overflows = 0  # kernel queue overflows (read by the daemon)
-        self.handler_errors = 0
         self.walk_wanted = threading.Event()  # set when events may have been lost
         self._checked_at = -math.inf
         self._overflow_log = _OverflowLog(self._overflowed)

@@ -324,15 +324,12 @@ def convert_job(
             job.image_id,
             conversion.content_hash,
             tuple(conversion.thumbnails),
-            len(data),
             time.perf_counter() - started,
             {"read": read_seconds, **conversion.timings},
         )
     except Exception as exc:  # a decoder bug must fail this image only
         reason, message = _failure(exc)
-        return ConversionFailed(
-            job.image_id, reason, message, len(data), time.perf_counter() - started
-        )
+        return ConversionFailed(job.image_id, reason, message, time.perf_counter() - started)
     finally:
         if job.shared is not None:
             if isinstance(data, memoryview):

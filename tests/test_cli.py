@@ -56,7 +56,7 @@ def test_scan_converts_and_exits_with_the_outcome(daemon_factory) -> None:
     assert done.returncode == 1
     assert "1 done, 1 failed" in done.stdout
 
-    # status: the seed design's words, and the same truth as JSON.
+    # status: the progress line's words, and the same truth as JSON.
     status = photoscand("status", "--config", str(daemon.config_path), cwd=daemon.root)
     assert status.returncode == 0
     assert "Phase 1: 2 images found. Phase 2: converting 1/2, 1 failed" in status.stdout

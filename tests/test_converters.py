@@ -58,7 +58,7 @@ NOT_DECODABLE = {
 # RAW files that ImageMagick and libvips cannot read here (no RAW delegate) but LibRaw can.
 RAW_WITH_PIXELS = {"raw/FujiFilm.raf", "raw/IMG_1361.dng", "raw/Panasonic.rw2"}
 # bad/ files that ImageMagick and libvips both "decode", but only by filling the missing end
-# with grey: photoscand fails them as truncated (DESIGN.md, Clarifications).
+# with grey: photoscand fails them as truncated (docs/architecture.md, "Image states").
 TRUNCATED_BUT_SHOWN = {
     "bad/derived_truncated_half_nikon-e950.jpg",
     "bad/libvips_truncated.jpg",

@@ -17,8 +17,9 @@ from tests.conftest import CORPUS, load_manifest
 SIZES = (256, 64)
 
 # Files a reference decoder "reads" that photoscand fails on purpose: the reason word it
-# must give, and why (DESIGN.md, Clarifications: truncated data fails as truncated even
-# where a decoder paints a grey half; images over max_pixels fail before decoding).
+# must give, and why (docs/architecture.md, "Image states": truncated data fails as
+# truncated even where a decoder paints a grey half; images over max_pixels fail before
+# decoding).
 _GREY_HALF = "ImageMagick/libvips decode it with a warning and fill the missing part"
 EXPECTED_FAILURES: dict[str, tuple[str, str]] = {
     "bad/derived_bomb_jpeg_65500x65500.jpg": ("too_large", "4.3 gigapixels declared"),

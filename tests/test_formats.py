@@ -139,7 +139,7 @@ def test_extension_handles_bytes_str_folders_and_undecodable_names() -> None:
 
 
 def test_the_extension_list_is_the_designs() -> None:
-    # DESIGN.md, Clarifications, "Which files".
+    # docs/architecture.md, "Which files are photos".
     design = (
         "jpg jpeg jpe png tif tiff webp gif heic heif hif avif dng cr2 cr3 crw nef nrw arw srf "
         "sr2 orf rw2 raf pef srw x3f mrw 3fr erf kdc dcr iiq"

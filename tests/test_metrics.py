@@ -1,4 +1,5 @@
-"""The metrics: names and labels as DESIGN.md and Prometheus conventions want them, every
+"""The metrics: names and labels as the contract (docs/operations.md) and Prometheus
+conventions want them, every
 label pre-set, the endpoint on the configured address; and a real daemon's counters moving
 as a batch is cataloged, converted and failed, agreeing with the catalog and with
 `photoscand status`."""
@@ -31,8 +32,8 @@ from photoscand.outcomes import DISK_FULL, REASONS
 from tests.conftest import CORPUS, DaemonProcess, photoscand, wait_for
 from tests.scrape import free_port, samples, scrape, timed_scrape, value
 
-# DESIGN.md's list ("at least"): name -> its label, or None.
-DESIGN_METRICS = {
+# The metrics other tools rely on (at least these): name -> its label, or None.
+CONTRACT_METRICS = {
     "photoscand_files_discovered_total": "source",
     "photoscand_images": "status",
     "photoscand_metadata_duration_seconds": None,
@@ -74,7 +75,7 @@ def photoscand_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]
 
 def test_every_design_metric_is_exported_with_its_label() -> None:
     found = photoscand_samples(exposition(Metrics()))
-    for name, label in DESIGN_METRICS.items():
+    for name, label in CONTRACT_METRICS.items():
         series = [dict(labels) for (sample, labels) in found
                   if sample in (name, name + "_count")]  # fmt: skip
         assert series, f"{name} is not exported"

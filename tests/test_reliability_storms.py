@@ -2,8 +2,8 @@
 made on the way (mkdir, then write: the watch on a new folder comes too late for its first
 files), once with the kernel's default event queue and once with a queue of 64 events so
 inotify overflows. After the next walk the catalog equals the filesystem, exactly. The
-default suite creates 3,000 files; the slow variants create 20,000 (DESIGN allows small
-photos for bursts)."""
+default suite creates 3,000 files; the slow variants create 20,000 (small photos: a burst
+tests the pipeline, not the decoders)."""
 
 from __future__ import annotations
 

@@ -107,13 +107,13 @@ class Pool:
         job = self.job_of(worker)
         assert job is not None
         thumb = ThumbnailFile(256, f"/thumbs/{job.image_id}.jpg", 256, 192)
-        worker.conn.inbox.append(Converted(job.image_id, "ab" * 32, (thumb,), 100, 0.1))
+        worker.conn.inbox.append(Converted(job.image_id, "ab" * 32, (thumb,), 0.1))
         self.turn(worker.conn)
 
     def fail(self, worker: FakeChild, reason: str, message: str = "it broke") -> None:
         job = self.job_of(worker)
         assert job is not None
-        worker.conn.inbox.append(ConversionFailed(job.image_id, reason, message, 100, 0.1))
+        worker.conn.inbox.append(ConversionFailed(job.image_id, reason, message, 0.1))
         self.turn(worker.conn)
 
     def die(self, worker: FakeChild) -> None:
@@ -375,7 +375,7 @@ def test_a_stale_result_for_an_image_no_longer_in_hand_is_ignored(pool: Pool) ->
     pool.turn()
     worker = pool.workers()[0]
     thumb = ThumbnailFile(256, "/t.jpg", 1, 1)
-    worker.conn.inbox.append(Converted(image + 1000, "cd" * 32, (thumb,), 1, 0.1))
+    worker.conn.inbox.append(Converted(image + 1000, "cd" * 32, (thumb,), 0.1))
     pool.turn(worker.conn)
     assert pool.row(image)[0] == "converting"
     assert pool.supervisor.busy() == 1
