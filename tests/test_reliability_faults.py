@@ -49,6 +49,7 @@ from typing import Any
 import pytest
 
 from photoscand.catalog import Catalog, FileStat
+from photoscand.protocol import PhotoMetadata
 from tests.conftest import DaemonProcess, free_port, photoscand, scrape, wait_for
 from tests.reliability import (
     BASE_PHOTO,
@@ -252,7 +253,7 @@ def test_the_catalog_stores_only_representable_numbers(tmp_path: Path, column: s
             identity[column] = int(value)
         else:
             meta[column] = value
-        catalog.add_image(FileStat(path, **identity), meta, time.time())
+        catalog.add_image(FileStat(path, **identity), PhotoMetadata(**meta), time.time())
         assert catalog.commit()
         row = _catalog_row(catalog, path)
         _check_representable(row)
@@ -265,9 +266,12 @@ def test_the_catalog_stores_only_representable_numbers(tmp_path: Path, column: s
             return
         # Prefetch mode fills a row's metadata later, from the bytes the reader brought.
         other = b"/photos/filled-later.jpg"
-        image_id = catalog.add_image(FileStat(other, 1000, 1, 2049, 13), {"format": "jpeg"},
-                                     time.time())  # fmt: skip
-        catalog.update_metadata(image_id, {"format": "jpeg", column: value, "exif": "{}"})
+        image_id = catalog.add_image(
+            FileStat(other, 1000, 1, 2049, 13), PhotoMetadata(format="jpeg"), time.time()
+        )
+        catalog.update_metadata(
+            image_id, PhotoMetadata(**{"format": "jpeg", column: value, "exif": "{}"})
+        )
         assert catalog.commit()
         later = _catalog_row(catalog, other)
         _check_representable(later)
