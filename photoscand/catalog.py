@@ -27,12 +27,24 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from photoscand import outcomes
 from photoscand.outcomes import STATUSES, retry_delay
 from photoscand.protocol import PhotoMetadata, ThumbnailFile
+from photoscand.storable import clamped, signed, storable_metadata
 
 APPLICATION_ID = 0x50534344  # "PSCD": identifies the file as a photoscand catalog
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
+# What a lookup reads of a row: the fields of Known, in its order.
+_KNOWN = "id, path, size, mtime_ns, dev, ino, status, metadata_error, fingerprint"
+# Rows whose metadata phase 1 must read (again) before they are converted: never read
+# (prefetch mode reads it from the bytes the reader brings), or failed for a reason that may
+# be gone.
+_RETRY_PREFIXES = " OR ".join(
+    f"substr(metadata_error, 1, {len(reason) + 1}) = '{reason}:'"
+    for reason in sorted(outcomes.METADATA_RETRY)
+)
+_NEEDS_METADATA = f"(exif IS NULL AND metadata_error IS NULL OR {_RETRY_PREFIXES})"
 # Metadata columns filled by phase 1: the fields of PhotoMetadata, in its order.
 META_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PhotoMetadata))
 _meta_values = operator.attrgetter(*META_COLUMNS)
@@ -95,6 +107,21 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # `retry --all` must re-encode (new quality or format) even though thumbnails named by
     # the content hash already exist; reconvert = 1 says so until the row is done again.
     2: ("ALTER TABLE images ADD COLUMN reconvert INTEGER NOT NULL DEFAULT 0",),
+    # fingerprint: a digest of the size and both ends of the file, which a move must match
+    # before a new path takes a vanished row (inode numbers are reused). conditions: what
+    # the running daemon reports about its folders, for `photoscand status` to show.
+    3: (
+        "ALTER TABLE images ADD COLUMN fingerprint TEXT",
+        """
+        CREATE TABLE conditions (
+            kind    TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            message TEXT NOT NULL,
+            since   TEXT NOT NULL,
+            PRIMARY KEY (kind, subject)
+        ) WITHOUT ROWID
+        """,
+    ),
 }
 
 
@@ -120,7 +147,8 @@ class CatalogError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class FileStat:
-    """The identity of a file as the filesystem reports it."""
+    """The identity of a file as the catalog stores it (see :mod:`photoscand.storable`:
+    the mtime clamped to 64 bits, device and inode numbers read as signed)."""
 
     path: bytes
     size: int
@@ -130,7 +158,12 @@ class FileStat:
 
     @classmethod
     def of(cls, path: bytes, st: os.stat_result) -> FileStat:
-        return cls(path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
+        return cls.stored(path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino)
+
+    @classmethod
+    def stored(cls, path: bytes, size: int, mtime_ns: int, dev: int, ino: int) -> FileStat:
+        """The identity as it is stored, from the numbers ``stat`` gave."""
+        return cls(path, size, clamped(mtime_ns), signed(dev), signed(ino))
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +177,13 @@ class Known:
     dev: int
     ino: int
     status: str
+    metadata_error: str | None = None
+    fingerprint: str | None = None
+
+    @property
+    def metadata_again(self) -> bool:
+        """Phase 1 failed for a reason that may be gone (see outcomes.METADATA_RETRY)."""
+        return outcomes.metadata_retry(self.metadata_error)
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,14 +379,19 @@ class Catalog:
         if self._txn_started is None:
             self._conn.execute("BEGIN IMMEDIATE")
             self._txn_started = time.monotonic()
-        self._txn_ops.append((op, args))
         try:
-            return op(*args)
+            result = op(*args)
         except sqlite3.OperationalError as exc:
             if _is_disk_full(exc):
+                # Kept with the batch: replayed once the disk has room again.
+                self._txn_ops.append((op, args))
                 self._stall(str(exc))
                 return None
             raise
+        # Only a write that happened is replayed after a full disk: one that raised for
+        # its own data must not raise again in the replay.
+        self._txn_ops.append((op, args))
+        return result
 
     def commit(self) -> bool:
         """End the current batch. False when the disk is full (the batch is kept)."""
@@ -394,10 +439,7 @@ class Catalog:
 
     def lookup(self, path: bytes) -> Known | None:
         """The row for a path, if any."""
-        row = self._conn.execute(
-            "SELECT id, path, size, mtime_ns, dev, ino, status FROM images WHERE path = ?",
-            (path,),
-        ).fetchone()
+        row = self._conn.execute(f"SELECT {_KNOWN} FROM images WHERE path = ?", (path,)).fetchone()
         return Known(*row) if row else None
 
     def same_inode(
@@ -406,7 +448,7 @@ class Catalog:
         """Rows whose file had this identity (candidates for a move while we were away);
         missing rows first."""
         rows = self._conn.execute(
-            "SELECT id, path, size, mtime_ns, dev, ino, status FROM images"
+            f"SELECT {_KNOWN} FROM images"
             " WHERE dev = ? AND ino = ? AND size = ? AND mtime_ns = ?"
             " ORDER BY status = 'missing' DESC LIMIT ?",
             (dev, ino, size, mtime_ns, limit),
@@ -428,24 +470,13 @@ class Catalog:
         return self._write(self._op_upsert, st, meta, now, known)
 
     def _op_upsert(self, st: FileStat, meta: PhotoMetadata, now: float, known: bool) -> int:
-        values = [
-            st.path,
-            display_of(st.path),
-            st.size,
-            st.mtime_ns,
-            st.dev,
-            st.ino,
-            "pending",
-            0,
-            None,
-            now,
-            None,
-            None,
-            None,
-            0,
-            utc_now_iso(now),
-            *_meta_values(meta),
-        ]
+        meta, size = storable_metadata(meta, st.size)
+        st = FileStat.stored(st.path, size, st.mtime_ns, st.dev, st.ino)
+        # In _UPSERT_COLUMNS' order: status, attempts, retry_at, queued_at, error,
+        # content_hash, converted_at, reconvert, discovered_at.
+        state = ("pending", 0, None, now, None, None, None, 0, utc_now_iso(now))
+        identity = (st.path, display_of(st.path), st.size, st.mtime_ns, st.dev, st.ino)
+        values = (*identity, *state, *_meta_values(meta))
         image_id = int(self._conn.execute(_UPSERT, values).fetchone()[0])
         if known:
             self._conn.execute("DELETE FROM thumbnails WHERE image_id = ?", (image_id,))
@@ -455,6 +486,7 @@ class Catalog:
         """Fill in a row's metadata (prefetch mode parses it from the bytes it read)."""
         if meta.exif is None and meta.metadata_error is None:
             meta = dataclasses.replace(meta, exif="{}")  # parsed: never "still to read" again
+        meta, _size = storable_metadata(meta, 0)
         self._write(self._op_update_metadata, image_id, meta)
 
     def _op_update_metadata(self, image_id: int, meta: PhotoMetadata) -> None:
@@ -463,6 +495,20 @@ class Catalog:
         assignments = ", ".join(f"{c} = ?" for c in columns)
         values = [getattr(meta, c) for c in columns]
         self._conn.execute(f"UPDATE images SET {assignments} WHERE id = ?", (*values, image_id))
+
+    def set_device(self, image_id: int, dev: int) -> None:
+        """The row's file is on a filesystem that now has another device number."""
+        self._write(self._op_set_device, image_id, dev)
+
+    def _op_set_device(self, image_id: int, dev: int) -> None:
+        self._conn.execute("UPDATE images SET dev = ? WHERE id = ?", (dev, image_id))
+
+    def set_metadata_error(self, image_id: int, error: str) -> None:
+        """Phase 1 could not read a row's metadata again; what it had stays."""
+        self._write(self._op_set_metadata_error, image_id, error)
+
+    def _op_set_metadata_error(self, image_id: int, error: str) -> None:
+        self._conn.execute("UPDATE images SET metadata_error = ? WHERE id = ?", (error, image_id))
 
     def restore(self, image_id: int, st: FileStat) -> None:
         """A ``missing`` file is back unchanged: it is ``done`` again if it was converted."""
@@ -557,15 +603,15 @@ class Catalog:
         )
         return cur.rowcount
 
-    def rows_under(self, root: bytes) -> Iterator[tuple[int, bytes, str]]:
-        """(id, path, status) of every row under a watched root, in path order."""
+    def rows_under(self, root: bytes) -> Iterator[tuple[int, bytes, str, int]]:
+        """(id, path, status, dev) of every row under a watched root, in path order."""
         low, high = _prefix_bounds(root)
         cur = self._conn.execute(
-            "SELECT id, path, status FROM images WHERE path >= ? AND path < ? ORDER BY path",
+            "SELECT id, path, status, dev FROM images WHERE path >= ? AND path < ? ORDER BY path",
             (low, high),
         )
-        for image_id, path, status in cur:
-            yield image_id, bytes(path), status
+        for image_id, path, status, dev in cur:
+            yield image_id, bytes(path), status, dev
 
     def count_under(self, root: bytes, statuses: Sequence[str] = STATUSES) -> int:
         """How many rows under a watched root have one of these statuses."""
@@ -609,7 +655,7 @@ class Catalog:
         index = "images_disk_order" if disk_order else "images_status"
         rows = self._conn.execute(
             "SELECT id, path, size, mtime_ns, format, orientation, attempts, dev, ino,"
-            " disk_offset, exif IS NULL AND metadata_error IS NULL, reconvert"
+            f" disk_offset, {_NEEDS_METADATA}, reconvert"
             f" FROM images INDEXED BY {index}"
             " WHERE status = 'pending' AND (retry_at IS NULL OR retry_at <= ?)"
             f" ORDER BY {order} LIMIT ?",
@@ -633,6 +679,15 @@ class Catalog:
             "UPDATE images SET status = 'converting' WHERE id = ? AND status = 'pending'",
             [(i,) for i in ids],
         )
+
+    def refreshed(self, job: Job) -> Job:
+        """A claimed job with the format and orientation phase 1 has read since the claim."""
+        row = self._conn.execute(
+            "SELECT format, orientation FROM images WHERE id = ?", (job.id,)
+        ).fetchone()
+        if row is None:
+            return job
+        return dataclasses.replace(job, format=row[0], orientation=row[1], needs_metadata=False)
 
     def next_retry_at(self) -> float | None:
         """The earliest back-off deadline among pending rows, if any is waiting."""
@@ -788,6 +843,42 @@ class Catalog:
                 (now, path.rstrip(b"/") or b"/", low, high),
             ).rowcount
         return total
+
+    # -- conditions -----------------------------------------------------------------
+
+    def set_conditions(self, kind: str, conditions: Mapping[str, str], now: float) -> None:
+        """What the running daemon reports of one kind, as ``{subject: message}``: it
+        replaces that kind's earlier list; a condition still present keeps its start."""
+        self._write(self._op_conditions, kind, dict(conditions), now)
+
+    def _op_conditions(self, kind: str, conditions: dict[str, str], now: float) -> None:
+        since = dict(
+            self._conn.execute("SELECT subject, since FROM conditions WHERE kind = ?", (kind,))
+        )
+        self._conn.execute("DELETE FROM conditions WHERE kind = ?", (kind,))
+        self._conn.executemany(
+            "INSERT INTO conditions (kind, subject, message, since) VALUES (?, ?, ?, ?)",
+            [(kind, s, m, since.get(s) or utc_now_iso(now)) for s, m in conditions.items()],
+        )
+
+    def clear_conditions(self) -> None:
+        """A daemon starts or stops: nothing it reported holds any more."""
+        self._write(self._op_clear_conditions)
+        self.commit()
+
+    def _op_clear_conditions(self) -> None:
+        self._conn.execute("DELETE FROM conditions")
+
+    def conditions(self) -> list[tuple[str, str, str, str]]:
+        """(kind, subject, message, since) of everything the daemon reports now; none from
+        a catalog made before conditions were kept."""
+        try:
+            rows = self._conn.execute(
+                "SELECT kind, subject, message, since FROM conditions ORDER BY kind, subject"
+            ).fetchall()
+        except sqlite3.OperationalError:
+            return []
+        return [tuple(row) for row in rows]
 
     # -- reading --------------------------------------------------------------------
 

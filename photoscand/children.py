@@ -14,8 +14,10 @@ import importlib.util
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import queue
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
@@ -107,10 +109,86 @@ class Child:
         if self.alive():
             self.kill()
         self.process.join(timeout=5)
+        self._release()
+
+    def kill_now(self) -> bool:
+        """SIGKILL the child and reap it only if that can be done at once; True when it is
+        reaped. Its exit is reported by the fork server, which may itself be stopped or
+        slow: a caller that must not wait keeps the child and calls :meth:`reaped` later."""
+        self.kill()
+        with contextlib.suppress(OSError):
+            self.conn.close()
+        return self.reaped()
+
+    def reaped(self) -> bool:
+        """True (and the child's resources freed) once its exit has been reported."""
+        self.process.join(timeout=0)
+        if self.process.exitcode is None:
+            return False
+        self._release()
+        return True
+
+    def _release(self) -> None:
         with contextlib.suppress(OSError):
             self.conn.close()
         with contextlib.suppress(ValueError):
             self.process.close()
+
+
+class Starter:
+    """Starts children on a thread of its own, and hands them over when they are up.
+
+    Hazard: starting a child asks the fork server and waits for it to answer with the pid;
+    a fork server that is stopped or slow would hold the daemon's loop for as long, and
+    with it phase 1, the metrics and the watchdog. Requests are served one at a time, in
+    order; each result is ``(key, Child)`` or ``(key, ChildStartError)``.
+
+    Args:
+        start_child: how one child is started (``functools.partial(Child, ctx)``).
+        wake: called when a result is ready (wakes the daemon's loop).
+        name: the thread's name.
+    """
+
+    def __init__(
+        self, start_child: StartChild, wake: Callable[[], None], name: str = "photoscand-start"
+    ) -> None:
+        self.start_child = start_child
+        self._wake = wake
+        self._requests: queue.SimpleQueue[tuple[Any, Callable[..., None], tuple, str] | None]
+        self._requests = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[Any, Child | ChildStartError]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def request(
+        self, key: Any, target: Callable[..., None], args: tuple[Any, ...], name: str
+    ) -> None:
+        self._requests.put((key, target, args, name))
+
+    def finished(self) -> list[tuple[Any, Child | ChildStartError]]:
+        """The children started (or that could not be) since the last call."""
+        results = []
+        while True:
+            try:
+                results.append(self._done.get_nowait())
+            except queue.Empty:
+                return results
+
+    def close(self) -> list[Child]:
+        """Stop taking requests; returns the children started that nobody took."""
+        self._requests.put(None)
+        self._thread.join(timeout=10)
+        return [child for _key, child in self.finished() if isinstance(child, Child)]
+
+    def _run(self) -> None:
+        while (request := self._requests.get()) is not None:
+            key, target, args, name = request
+            try:
+                result: Child | ChildStartError = self.start_child(target, args, name)
+            except ChildStartError as exc:
+                result = exc
+            self._done.put((key, result))
+            self._wake()
 
 
 # The longest a child that keeps failing waits before it is started again.
@@ -126,7 +204,7 @@ def restart_delay(base: float, failures: int) -> float:
 def describe_exit(code: int | None) -> str:
     """A child's exit code in words (negative codes are signals)."""
     if code is None:
-        return "still running"
+        return "its pipe closed; exit status not reported yet"
     if code < 0:
         try:
             name = signal.Signals(-code).name

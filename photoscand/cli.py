@@ -132,7 +132,9 @@ def _run(args: argparse.Namespace) -> int:
     return daemon.run()
 
 
-def status_data(catalog: Catalog, roots: Sequence[str], failures: int) -> dict[str, Any]:
+def status_data(
+    catalog: Catalog, roots: Sequence[str], failures: int, pid: int | None
+) -> dict[str, Any]:
     """What ``photoscand status`` reports, as plain data.
 
     Every figure is one the Grafana dashboard shows, computed the same way (see
@@ -146,7 +148,6 @@ def status_data(catalog: Catalog, roots: Sequence[str], failures: int) -> dict[s
     )
     oldest = catalog.oldest_pending_since()
     present = sum(counts.values()) - counts["missing"]
-    pid = daemon_pid(catalog.path)
     return {
         "catalog": catalog.path,
         "roots": list(roots),
@@ -158,6 +159,11 @@ def status_data(catalog: Catalog, roots: Sequence[str], failures: int) -> dict[s
         "rate_per_minute": round(rates["last_5_minutes"] / 5, 1),
         "oldest_pending_age_seconds": round(now - oldest, 1) if oldest else 0,
         "failures_by_reason": catalog.failure_reasons(),
+        # What the running daemon reports (a folder unmounted, the watch limit reached).
+        "conditions": [
+            {"kind": kind, "subject": subject, "message": message, "since": since}
+            for kind, subject, message, since in (catalog.conditions() if pid is not None else [])
+        ],
         "recent_failures": [
             {
                 "id": f.id,
@@ -176,9 +182,11 @@ def _status(args: argparse.Namespace) -> int:
     if not os.path.exists(config.catalog.path):
         _error(f"no catalog yet at {config.catalog.path} (has `photoscand run` been started?)")
         return exitcodes.USAGE
+    # Asked before the catalog is opened here (see photoscand.lock).
+    pid = daemon_pid(config.catalog.path)
     catalog = Catalog(config.catalog.path, readonly=True)
     try:
-        data = status_data(catalog, config.watch.paths, args.failures)
+        data = status_data(catalog, config.watch.paths, args.failures, pid)
     finally:
         catalog.close()
     if args.json:
@@ -195,6 +203,9 @@ def _status(args: argparse.Namespace) -> int:
         f" oldest waiting: {_duration(data['oldest_pending_age_seconds'])}"
     )
     print("  daemon: " + ("not running" if pid is None else f"running (pid {pid})"))
+    for condition in data["conditions"]:
+        subject = f" {condition['subject']}:" if condition["subject"] else ""
+        print(f"  attention:{subject} {condition['message']} (since {condition['since']})")
     if data["failures_by_reason"]:
         reasons = ", ".join(f"{r}: {n}" for r, n in sorted(data["failures_by_reason"].items()))
         print(f"  failures by reason: {reasons}")

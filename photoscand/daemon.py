@@ -29,7 +29,7 @@ from photoscand import config as config_module
 from photoscand import exitcodes
 from photoscand import log as log_module
 from photoscand.catalog import Catalog
-from photoscand.children import Child, start_fork_server
+from photoscand.children import Child, Starter, start_fork_server
 from photoscand.clock import Clock, SystemClock
 from photoscand.commits import Committer
 from photoscand.config import Config, ConfigError
@@ -127,7 +127,7 @@ class Daemon:
         self.catalog = Catalog(config.catalog.path)
         parts.callback(self.catalog.close)
         roots = tuple(os.fsencode(p) for p in config.watch.paths)
-        self.roots = RootAvailability(roots, self.catalog, self.metrics)
+        self.roots = RootAvailability(roots, self.catalog, self.metrics, self.clock)
         self.events: queue.Queue[FsEvent] = queue.Queue(maxsize=EVENT_QUEUE_SIZE)
         self.walk_output: queue.Queue[WalkOutput] = queue.Queue(maxsize=WALK_QUEUE_SIZE)
         prefetch = config.io.mode == "prefetch"
@@ -145,18 +145,17 @@ class Daemon:
             clock=self.clock,
             deferred=prefetch,
         )
+        starter = Starter(start_child, self.signals.wake, "photoscand-start")
         self.supervisor = Supervisor(
             self.catalog,
-            start_child,
+            starter,
             config.workers,
             config.thumbnail_settings(),
             metrics=self.metrics,
             clock=self.clock,
             prefetcher=self.prefetcher,
-            read_metadata=(
-                (lambda job, shared, done: self.ingest.parse_loaded(job.id, job.path, shared, done))
-                if prefetch
-                else None
+            read_metadata=lambda job, shared, done: self.ingest.parse_loaded(
+                job.id, job.path, shared, done
             ),
             # A one-shot scan ends instead of waiting for a folder to come back; there
             # such images read as missing until a later walk finds them again.
@@ -223,6 +222,7 @@ class Daemon:
 
     def _start(self) -> None:
         self.signals.install(reload=self.mode == "run")
+        self.catalog.clear_conditions()
         returned = self.catalog.reset_converting()
         if returned:
             self.log.info(
@@ -261,14 +261,16 @@ class Daemon:
         if self.walker.is_alive():
             self.walker.join(timeout=5)
         self._release(self.supervisor.kill_all())
+        self.supervisor.close()
         if self.prefetcher is not None:
             self._release(self.prefetcher.unclaimed())
             self.prefetcher.close()
         self.ingest.stop()
-        if self.metrics_file:
-            with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):
+            if self.metrics_file:
                 self.catalog.commit()
                 self.gauges.refresh(self.clock.monotonic(), force=True)
+            self.catalog.clear_conditions()
         self._parts.close()
 
     def _release(self, jobs: list[Any]) -> None:

@@ -26,7 +26,7 @@ from photoscand.catalog import Catalog, FileStat, Known
 from photoscand.children import Child, ChildStartError, StartChild, describe_exit, restart_delay
 from photoscand.clock import Clock
 from photoscand.config import WatchConfig
-from photoscand.log import display_path, get_logger
+from photoscand.log import display_path, get_logger, one_file
 from photoscand.metadata import physical_offset
 from photoscand.metrics import Metrics
 from photoscand.protocol import (
@@ -53,6 +53,11 @@ class _Candidate:
     walk_reason: str  # for walks: why it ran ("start", "periodic", ...)
     completed_at: float  # monotonic time the file was known complete
     known_id: int | None = None  # the row this file refreshes, if any
+    # The row is unchanged but its metadata failed for a reason that may be gone: read it
+    # again, and leave the row as it is when it fails again.
+    recheck: bool = False
+    # A vanished row with this file's inode, size and mtime: a move, if the content agrees.
+    moved_from: Known | None = None
     again: bool = False  # offered again while in flight: re-check after the answer
     suspected: bool = False  # the parser died or hung on it once already
     # Filling in an existing row's metadata (prefetch mode, from the bytes it read):
@@ -225,7 +230,7 @@ class Ingest:
             return
         candidate = _Candidate(path, source, walk_reason, now)
         if self._check(candidate):
-            if self.deferred:
+            if self.deferred and not (candidate.recheck or candidate.moved_from):
                 self._row_from_stat(candidate)
             else:
                 self._ready.append(candidate)
@@ -284,6 +289,16 @@ class Ingest:
         """A file was deleted before it settled."""
         self._settling.pop(path, None)
 
+    def modified(self, path: bytes, now: float) -> None:
+        """A cataloged file was written or its attributes changed without a close event
+        (truncate(2), a writer that keeps it open, chmod): it settles, then phase 1 looks at
+        it again. A new file being written needs nothing: its close or settle follows."""
+        if path in self._settling or path in self._in_flight:
+            return
+        known = self.catalog.lookup(path)
+        if known is not None and known.status != "missing":
+            self.created(path, now)
+
     def _check(self, candidate: _Candidate) -> bool:
         """True when the candidate needs parsing; handles the cheap cases itself."""
         path = candidate.path
@@ -298,27 +313,31 @@ class Ingest:
             return False
         if not stat.S_ISREG(st.st_mode):
             return False  # symlinks are never followed; folders and devices are not photos
+        current = FileStat.of(path, st)
         known = self.catalog.lookup(path)
-        if known is not None:
-            if (known.size, known.mtime_ns, known.ino) == (st.st_size, st.st_mtime_ns, st.st_ino):
-                if known.status == "missing":
-                    self.catalog.restore(known.id, FileStat.of(path, st))
-                    self._row_written(candidate, "restored")
-                return False
+        if known is None:
+            # A new path: a file moved while we were not watching keeps its row, once its
+            # content has confirmed it (see _answer).
+            candidate.moved_from = self._moved_from(current, st.st_nlink)
+            return True
+        if (known.size, known.mtime_ns, known.ino) != (current.size, current.mtime_ns, current.ino):
             candidate.known_id = known.id
             return True
-        # A new path: a file moved while we were not watching keeps its row.
-        old = self._moved_from(st)
-        if old is not None:
-            self.catalog.move_to(old.id, FileStat.of(path, st))
-            self.log.info(
-                "file moved", path=display_path(path), was=display_path(old.path), id=old.id
-            )
-            self._row_written(candidate, "moved")
+        if known.status == "missing":
+            self.catalog.restore(known.id, current)
+            self._row_written(candidate, "restored")
             return False
-        return True
+        if known.dev != current.dev:
+            # The same file on a filesystem mounted again under another device number:
+            # the row follows, so that an unmount is told from a deletion next time.
+            self.catalog.set_device(known.id, current.dev)
+        if known.metadata_again:
+            candidate.known_id = known.id
+            candidate.recheck = True
+            return True
+        return False
 
-    def _moved_from(self, st: os.stat_result) -> Known | None:
+    def _moved_from(self, current: FileStat, links: int) -> Known | None:
         """The row this new path's file had under an old path, if any.
 
         With one link, no other path names this inode, so any row that had it is stale.
@@ -327,13 +346,13 @@ class Ingest:
         is counted first, from the index alone, because a tree of many links per photo
         (snapshot backups) would otherwise read every link's row for every new link.
         """
-        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if st.st_nlink == 1:
+        identity = (current.dev, current.ino, current.size, current.mtime_ns)
+        if links == 1:
             first = self.catalog.same_inode(*identity, limit=1)
             return first[0] if first else None
-        if self.catalog.count_links(st.st_dev, st.st_ino) < st.st_nlink:
+        if self.catalog.count_links(current.dev, current.ino) < links:
             return None  # this path is another link, not a move
-        rows = self.catalog.same_inode(*identity, limit=st.st_nlink + 1)
+        rows = self.catalog.same_inode(*identity, limit=links + 1)
         if rows and rows[0].status == "missing":
             return rows[0]
         for old in rows:
@@ -417,7 +436,8 @@ class Ingest:
             self._child_failures = 0
             self.metrics.metadata_duration.observe(answer.seconds)
             self._unlist(candidate)
-            self._answer(candidate, answer.outcome)
+            with one_file(self.log, candidate.path, "cataloging"):
+                self._answer(candidate, answer.outcome)
             self._feed()
 
     def _unlist(self, candidate: _Candidate) -> None:
@@ -430,14 +450,11 @@ class Ingest:
         path = candidate.path
         if candidate.image_id is not None:
             self._answer_existing(candidate.image_id, outcome)
-            return
-        if isinstance(outcome, Parsed):
-            assert outcome.identity is not None  # read from the file, not from memory
-            if outcome.metadata.metadata_error:
-                self.metrics.metadata_problems.labels("unreadable_exif").inc()
-            identity = outcome.identity
-            st = FileStat(path, identity.size, identity.mtime_ns, identity.dev, identity.ino)
-            self._write_row(candidate, st, outcome.metadata)
+        elif isinstance(outcome, Parsed):
+            self._parsed(candidate, outcome)
+        elif candidate.recheck:
+            # Read again and still unreadable: the row stays as it was (no attempt reset).
+            self.log.debug("metadata still unreadable", path=display_path(path))
         elif isinstance(outcome, NotAPhoto):
             self.metrics.files_ignored.inc()
         elif outcome.errno_name == "ENOENT":
@@ -450,21 +467,37 @@ class Ingest:
         if candidate.again:
             self.complete(path, candidate.source, self.clock.monotonic(), candidate.walk_reason)
 
+    def _parsed(self, candidate: _Candidate, outcome: Parsed) -> None:
+        assert outcome.identity is not None  # read from the file, not from memory
+        metadata, identity = outcome.metadata, outcome.identity
+        if metadata.metadata_error:
+            self.metrics.metadata_problems.labels("unreadable_exif").inc()
+        st = FileStat.stored(
+            candidate.path, identity.size, identity.mtime_ns, identity.dev, identity.ino
+        )
+        old = candidate.moved_from
+        if old is not None and old.fingerprint and old.fingerprint == metadata.fingerprint:
+            self.catalog.move_to(old.id, st)
+            self.log.info(
+                "file moved", path=display_path(st.path), was=display_path(old.path), id=old.id
+            )
+            self._row_written(candidate, "moved")
+            return
+        self._write_row(candidate, st, metadata)
+
     def _answer_existing(self, image_id: int, outcome: Parsed | NotAPhoto | Unreadable) -> None:
         if isinstance(outcome, Parsed):
-            metadata = outcome.metadata
-            if metadata.metadata_error:
+            if outcome.metadata.metadata_error:
                 self.metrics.metadata_problems.labels("unreadable_exif").inc()
+            self.catalog.update_metadata(image_id, outcome.metadata)
         elif isinstance(outcome, NotAPhoto):
-            metadata = PhotoMetadata(
-                exif=None, metadata_error=outcomes.format_error(outcomes.CORRUPT, outcome.why)
-            )
+            error = outcomes.format_error(outcomes.CORRUPT, outcome.why)
+            self.catalog.set_metadata_error(image_id, error)
         else:
             reason = outcomes.PERMISSION if outcome.errno_name == "EACCES" else outcomes.IO_ERROR
-            metadata = PhotoMetadata(
-                exif=None, metadata_error=outcomes.format_error(reason, outcome.message)
+            self.catalog.set_metadata_error(
+                image_id, outcomes.format_error(reason, outcome.message)
             )
-        self.catalog.update_metadata(image_id, metadata)
 
     def _row_without_metadata(self, candidate: _Candidate, problem: str) -> None:
         """A photo whose metadata could not be read still gets its row (it stays pending)."""
@@ -554,10 +587,8 @@ class Ingest:
             return
         self._unlist(candidate)
         if candidate.image_id is not None:
-            self.catalog.update_metadata(
-                candidate.image_id, PhotoMetadata(exif=None, metadata_error=problem)
-            )
-        else:
+            self.catalog.set_metadata_error(candidate.image_id, problem)
+        elif not candidate.recheck:
             self._row_without_metadata(candidate, problem)
         self._ready.extendleft(reversed(rest))
 

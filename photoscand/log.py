@@ -6,9 +6,11 @@ not inherit the configuration and call :func:`configure` themselves.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import structlog
@@ -112,6 +114,22 @@ class _StdlibBridge(logging.Handler):
             getattr(log, method)(record.getMessage(), logger=record.name)
         except Exception:  # logging must never take the daemon down
             self.handleError(record)
+
+
+@contextlib.contextmanager
+def one_file(log: Any, path: bytes, what: str) -> Iterator[None]:
+    """Handle one file: an exception its data raises (a bug, a value nothing expected) is
+    logged with the file's name and the daemon goes on with the next one, instead of
+    ending the loop and every later restart on the same file."""
+    try:
+        yield
+    except Exception as exc:
+        log.error(
+            f"{what} failed; the file is skipped",
+            path=display_path(path),
+            error=f"{type(exc).__name__}: {exc}",
+            exc_info=True,
+        )
 
 
 def get_logger(name: str = "photoscand") -> Any:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import html
 import io
 import json
@@ -212,6 +213,11 @@ class _Source:
             return self._head[offset:end]
         return self._pread(offset, end - offset)
 
+    def tail(self) -> bytes:
+        """The last bytes that a fingerprint covers (none when the head covers the file)."""
+        start = max(_PRINT_BYTES, self.size - _PRINT_BYTES)
+        return self.read(start, self.size - start)
+
     def _pread(self, offset: int, n: int) -> bytes:
         # pread may return less than asked (FUSE, signals); loop until EOF or done.
         first = os.pread(self._fd, n, offset)
@@ -339,7 +345,23 @@ def _read(path: bytes, src: _Source) -> PhotoMetadata | None:
                 parser(p)
             except _Bad as exc:
                 p.problem(CORRUPT, str(exc))
-    return _finish(p)
+    return replace(
+        _finish(p), fingerprint=fingerprint(src.read(0, _PRINT_BYTES), src.tail(), src.size)
+    )
+
+
+# How much of each end of a file its fingerprint covers.
+_PRINT_BYTES = 4096
+
+
+def fingerprint(head: bytes, tail: bytes, size: int) -> str:
+    """A short digest of a file's size, first and last bytes: what confirms that a new path
+    holds the same photo as a row whose file went away (an inode number is handed to the
+    next new file once the old one is deleted, and a re-export may keep size and mtime)."""
+    digest = hashlib.blake2b(size.to_bytes(8, "little", signed=True), digest_size=16)
+    digest.update(head)
+    digest.update(tail)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,10 +10,11 @@ timestamps rather than ages), and docs/operations.md says what each one means.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import platform
 import threading
-from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -24,8 +25,8 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
-    start_http_server,
 )
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from photoscand import __version__
 from photoscand.outcomes import DISK_FULL, REASONS, STATUSES, VANISHED
@@ -249,6 +250,12 @@ class Metrics:
             "Directories the last walk found under the roots.",
             registry=r,
         )
+        self.watch_limit_reached = Gauge(
+            p + "watch_limit_reached",
+            "1 while a watched root has no inotify watch because the watch limit"
+            " (fs.inotify.max_user_watches) is reached: its files are found by walks only.",
+            registry=r,
+        )
         self.observer_restarts = Counter(
             p + "observer_restarts",
             "Times the filesystem observer died and was restarted.",
@@ -342,15 +349,84 @@ def write_textfile(metrics: Metrics, path: str) -> None:
 
 
 class MetricsServer:
-    """The HTTP endpoint, in its own thread so it answers while workers are saturated."""
+    """The HTTP endpoint: an asyncio server on a thread of its own, so it answers while the
+    workers are saturated.
+
+    Hazard: a thread per connection (the standard library's threading server) lets idle or
+    slow clients pin one thread each for as long as they like, and starve Prometheus. Here
+    connections cost no thread: each waits in the event loop, gets IDLE_SECONDS to send its
+    request (and to take the answer), and at most MAX_CONNECTIONS are open at once; the rest
+    are closed as they arrive.
+    """
+
+    IDLE_SECONDS = 10.0
+    MAX_CONNECTIONS = 256
+    BACKLOG = 128
+    MAX_REQUEST_BYTES = 16 << 10
 
     def __init__(self, metrics: Metrics, host: str, port: int) -> None:
-        self._server: Any
-        self._thread: threading.Thread
-        self._server, self._thread = start_http_server(port, addr=host, registry=metrics.registry)
-        self.address = self._server.server_address
+        self._registry = metrics.registry
+        self._open = 0
+        self._loop = asyncio.new_event_loop()
+        try:
+            # Bound here, in the caller's thread: a port in use raises OSError to it.
+            self._server = self._loop.run_until_complete(
+                asyncio.start_server(
+                    self._serve, host, port, backlog=self.BACKLOG, limit=self.MAX_REQUEST_BYTES
+                )
+            )
+        except BaseException:
+            self._loop.close()
+            raise
+        self.address = self._server.sockets[0].getsockname()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="photoscand-metrics", daemon=True
+        )
+        self._thread.start()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= self.MAX_CONNECTIONS:
+            writer.close()
+            return
+        self._open += 1
+        try:
+            while await self._answer(reader, writer):
+                pass
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # a client that is silent, slow, gone or sends too much is let go
+        finally:
+            self._open -= 1
+            writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Answer one request; True when the connection stays open for another."""
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.IDLE_SECONDS)
+        lines = head.decode("latin-1").split("\r\n")
+        method, target, version = [*lines[0].split(" "), "", "", ""][:3]
+        fields = (line.partition(":") for line in lines[1:])
+        headers = {name.strip().lower(): value.strip() for name, _, value in fields}
+        keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        if method not in ("GET", "HEAD"):
+            status, body, kind = "405 Method Not Allowed", b"GET or HEAD only\n", "text/plain"
+        elif target.split("?", 1)[0] not in ("/", "/metrics"):
+            status, body, kind = "404 Not Found", b"the metrics are at /metrics\n", "text/plain"
+        else:
+            status, body, kind = "200 OK", generate_latest(self._registry), CONTENT_TYPE_LATEST
+        response = (
+            f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: {'keep-alive' if keep else 'close'}\r\n\r\n"
+        ).encode("latin-1")
+        writer.write(response if method == "HEAD" else response + body)
+        await asyncio.wait_for(writer.drain(), self.IDLE_SECONDS)
+        return keep
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        async def stop() -> None:
+            self._server.close()
+            await self._server.wait_closed()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(stop(), self._loop).result(timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        self._loop.close()

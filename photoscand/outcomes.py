@@ -36,6 +36,10 @@ REASONS: tuple[str, ...] = (
 # Retried until workers.max_attempts; the others fail at once.
 TRANSIENT: frozenset[str] = frozenset({TIMEOUT, CRASHED, IO_ERROR, PERMISSION})
 
+# Phase 1 problems that may be gone on the next try: a row whose metadata failed for one of
+# these is read again when its file changes, at the next walk and on `photoscand retry`.
+METADATA_RETRY: frozenset[str] = frozenset({PERMISSION, IO_ERROR, TIMEOUT})
+
 # Not an image's fault: ENOSPC on the thumbnail folder. It counts no attempt; phase 2
 # pauses until space returns. Never stored in a row.
 DISK_FULL = "disk_full"
@@ -51,6 +55,11 @@ def format_error(reason: str, message: str) -> str:
     """The ``error`` column's text: ``reason: message`` on one line."""
     flat = " ".join(message.split())
     return f"{reason}: {flat}" if flat else reason
+
+
+def metadata_retry(metadata_error: str | None) -> bool:
+    """True when a row's ``metadata_error`` is one that phase 1 should try again."""
+    return split_error(metadata_error)[0] in METADATA_RETRY
 
 
 def split_error(error: str | None) -> tuple[str | None, str]:

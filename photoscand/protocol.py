@@ -107,6 +107,7 @@ class PhotoMetadata:
     exif: str | None = "{}"  # None: not read yet (a prefetch-mode row)
     metadata_error: str | None = None
     disk_offset: int | None = None
+    fingerprint: str | None = None  # the size, first and last bytes, digested
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,11 +17,12 @@ import queue
 from photoscand.catalog import Catalog
 from photoscand.clock import Clock
 from photoscand.ingest import Ingest
-from photoscand.log import display_path, get_logger
+from photoscand.log import display_path, get_logger, one_file
 from photoscand.metrics import Metrics
 from photoscand.roots import RootAvailability
 from photoscand.scanner import (
     RootProblem,
+    Unmounted,
     Vanished,
     WalkDone,
     WalkItem,
@@ -29,8 +30,10 @@ from photoscand.scanner import (
     WalkSchedule,
     relative_parts_ignored,
 )
-from photoscand.watcher import FsEvent, WatchCheck
+from photoscand.watcher import FsEvent, WatchCheck, Watcher
 
+# The kind of condition the watch limit is in the catalog (see Catalog.set_conditions).
+WATCH_LIMIT = "watch_limit"
 # Work done per loop turn before pipes and signals are looked at again.
 DRAIN_PER_TURN = 512
 # A catalog whose disk is full holds its writes in memory; past this many, events stay
@@ -66,6 +69,8 @@ class Router:
         self.metrics = metrics
         self.clock = clock
         self.log = get_logger("routing")
+        self._folders_known = 0  # folders the last walk found under the roots
+        self._watch_limit_told = False
 
     def drain_events(self, events: queue.Queue[FsEvent], now: float) -> None:
         if self.catalog.backlog_size > BACKLOG_LIMIT:
@@ -76,7 +81,8 @@ class Router:
             except queue.Empty:
                 return
             self.metrics.watch_events.labels(event.kind).inc()
-            self._route_event(event, now)
+            with one_file(self.log, event.path, f"a {event.kind} event"):
+                self._route_event(event, now)
 
     def _route_event(self, event: FsEvent, now: float) -> None:
         ingest, catalog = self.ingest, self.catalog
@@ -85,6 +91,8 @@ class Router:
             ingest.created(event.path, now)
         elif kind == "closed":
             ingest.complete(event.path, "event", now)
+        elif kind == "modified":
+            ingest.modified(event.path, now)
         elif kind == "deleted":
             ingest.forget(event.path)
             catalog.mark_missing(event.path, "the file was deleted or moved out")
@@ -102,6 +110,10 @@ class Router:
         elif kind == "dir_deleted":
             if event.path.rstrip(b"/") in self.roots.roots:
                 self.roots.report(event.path, "the watched folder was deleted or moved away")
+            elif os.path.lexists(event.path):
+                # Still there: a filesystem unmounted from it, not a deletion. The walk
+                # tells which rows wait for it.
+                self.walks.request("root", self.roots.holding(event.path))
             else:
                 catalog.mark_tree_missing(event.path, "the folder was deleted or moved out")
 
@@ -130,18 +142,23 @@ class Router:
             except queue.Empty:
                 break
             if isinstance(item, WalkItem):
-                self._walked_file(item, now, wall)
+                with one_file(self.log, item.stat.path, "a file found by a walk"):
+                    self._walked_file(item, now, wall)
             elif isinstance(item, Vanished):
                 if not os.path.lexists(item.path):
                     self.catalog.mark_missing(item.path, "the file is gone (found by a walk)")
             elif isinstance(item, RootProblem):
                 self.roots.unread_by_walk(item.root, item.message)
+            elif isinstance(item, Unmounted):
+                self.roots.unread_by_walk(item.folder, item.message)
             else:
                 resumed |= self._walk_done(item, now)
         return resumed
 
     def _walk_done(self, done: WalkDone, now: float) -> bool:
         self.walks.finished(done, now)
+        if set(done.roots) >= set(self.roots.roots):
+            self._folders_known = done.directories
         self.metrics.walks.labels(done.reason).inc()
         self.metrics.last_walk_completed.set(self.clock.wall())
         self.metrics.walk_duration.set(done.seconds)
@@ -182,7 +199,32 @@ class Router:
             self.walks.request("root", (root,))
         if check.watches is not None:
             self.metrics.watches.set(check.watches)
+        self._watch_limit(check)
         return resumed
+
+    def _watch_limit(self, check: WatchCheck) -> None:
+        """Say once, with the numbers, that the watch limit leaves folders unwatched (and
+        once that it no longer does), as the log, a gauge and a condition for ``status``."""
+        limited = check.watch_limited
+        if limited == self._watch_limit_told or (limited and not self._folders_known):
+            return  # unchanged, or no walk yet has counted the folders
+        self._watch_limit_told = limited
+        self.metrics.watch_limit_reached.set(1 if limited else 0)
+        if not limited:
+            self.log.info("every watched folder is watched again")
+            self.catalog.set_conditions(WATCH_LIMIT, {}, self.clock.wall())
+            return
+        limit = Watcher.watch_limit()
+        interval = self.walks.interval
+        message = (
+            f"inotify watch limit reached: {limit} watches allowed (fs.inotify.max_user_watches,"
+            f" or user.max_inotify_watches in a container), {check.watches or 0} watched, and"
+            f" the watched folders hold {self._folders_known} folders; files in unwatched"
+            f" folders are found only by the walks (every {interval:g} s): raise the limit or"
+            " shorten watch.rescan_interval_seconds"
+        )
+        self.log.warning(message, limit=limit, watched=check.watches, folders=self._folders_known)
+        self.catalog.set_conditions(WATCH_LIMIT, {"": message}, self.clock.wall())
 
     def _walked_file(self, item: WalkItem, now: float, wall: float) -> None:
         path = item.stat.path

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from photoscand import formats
 from photoscand.catalog import Catalog, CatalogError, FileStat
+from photoscand.storable import signed
 
 # Folders never entered: hidden ones (caches, sync tools' state) and Synology's
 # thumbnail folders.
@@ -100,6 +101,16 @@ class RootProblem:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class Unmounted:
+    """Rows under ``folder`` whose filesystem is not in the tree any more (a volume that was
+    mounted inside a watched root, or under the root itself, was unmounted or covered): they
+    are not vanished; they wait until it is back."""
+
+    folder: bytes
+    message: str
+
+
 @dataclass(slots=True)
 class WalkDone:
     """End of one walk; ``requests`` is how many requests it answered (queued requests are
@@ -115,7 +126,7 @@ class WalkDone:
     errors: list[str] = field(default_factory=list)
 
 
-WalkOutput = WalkItem | Vanished | RootProblem | WalkDone
+WalkOutput = WalkItem | Vanished | RootProblem | Unmounted | WalkDone
 
 
 class WalkSchedule:
@@ -264,61 +275,118 @@ class Walker(threading.Thread):
         except RootUnavailable as exc:
             self._put(RootProblem(root, str(exc)))
             return
-        seen: set[bytes] = set()
-        visited: set[tuple[int, int]] = {(st.st_dev, st.st_ino)}
+        tree = _Tree(visited={(st.st_dev, st.st_ino)}, devices={signed(st.st_dev)})
+        walked = self._walk_tree(root, reason, catalog, done, tree)
+        if walked and catalog is not None and not tree.partial:
+            self._report_vanished(root, catalog, tree)
+
+    def _walk_tree(
+        self, root: bytes, reason: str, catalog: Catalog | None, done: WalkDone, tree: _Tree
+    ) -> bool:
+        """Every folder under root, depth first; False when the walk was stopped."""
         stack = [root]
-        partial = False
         while stack:
             if self._stop_event.is_set():
-                return
+                return False
             folder = stack.pop()
             try:
                 entries = list(os.scandir(folder))
             except OSError as exc:
                 # An unreadable subfolder: its rows are not marked missing.
-                partial = True
+                tree.partial = True
                 done.errors.append(f"{folder.decode(errors='replace')}: {exc.strerror or exc}")
                 continue
             done.directories += 1
             for entry in entries:
-                name = entry.name
                 try:
                     if entry.is_dir(follow_symlinks=False):
-                        if is_skipped_dir(name):
-                            continue
-                        dst = entry.stat(follow_symlinks=False)
-                        key = (dst.st_dev, dst.st_ino)
-                        if key not in visited:
-                            visited.add(key)
-                            stack.append(entry.path)
+                        if not is_skipped_dir(entry.name):
+                            tree.enter(entry, stack)
                         continue
-                    if not entry.is_file(follow_symlinks=False) or is_ignored_name(name):
+                    if not entry.is_file(follow_symlinks=False) or is_ignored_name(entry.name):
                         continue
                     fst = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
-                path = entry.path
-                seen.add(path)
-                done.files += 1
-                if catalog is not None:
-                    row = catalog.lookup(path)
-                    if (
-                        row is not None
-                        and row.status != "missing"
-                        and (row.size, row.mtime_ns, row.ino)
-                        == (fst.st_size, fst.st_mtime_ns, fst.st_ino)
-                    ):
-                        continue
-                if not formats.has_photo_extension(name) and not _has_photo_signature(path):
-                    continue
-                done.reported += 1
-                if not self._put(WalkItem(FileStat.of(path, fst), reason, time.monotonic())):
-                    return
-        if catalog is None or partial:
-            return
-        for image_id, path, status in catalog.rows_under(root):
-            if status != "missing" and path not in seen and not self._put(Vanished(image_id, path)):
+                if not self._walked_file(entry, fst, reason, catalog, done, tree):
+                    return False
+        return True
+
+    def _walked_file(
+        self,
+        entry: os.DirEntry[bytes],
+        fst: os.stat_result,
+        reason: str,
+        catalog: Catalog | None,
+        done: WalkDone,
+        tree: _Tree,
+    ) -> bool:
+        """Report one file unless the catalog holds it as it is; False when stopped."""
+        path = entry.path
+        tree.seen.add(path)
+        done.files += 1
+        current = FileStat.of(path, fst)
+        if catalog is not None:
+            row = catalog.lookup(path)
+            if (
+                row is not None
+                and row.status != "missing"
+                and (row.size, row.mtime_ns, row.ino, row.dev)
+                == (current.size, current.mtime_ns, current.ino, current.dev)
+                and not row.metadata_again
+            ):
+                return True
+        if not formats.has_photo_extension(entry.name) and not _has_photo_signature(path):
+            return True
+        done.reported += 1
+        return self._put(WalkItem(current, reason, time.monotonic()))
+
+    def _report_vanished(self, root: bytes, catalog: Catalog, tree: _Tree) -> None:
+        """Rows whose files the walk did not find: vanished, unless their filesystem is not
+        in the tree any more (then they wait: see Unmounted)."""
+        unmounted: dict[int, list[bytes]] = {}
+        for image_id, path, status, dev in catalog.rows_under(root):
+            if status == "missing" or path in tree.seen:
+                continue
+            if dev not in tree.devices:
+                unmounted.setdefault(dev, []).append(path)
+            elif not self._put(Vanished(image_id, path)):
                 return
+        for dev, paths in unmounted.items():
+            folder = _existing_folder(os.path.commonpath([os.path.dirname(p) for p in paths]))
+            message = (
+                f"the filesystem that held {len(paths)} images here (device"
+                f" {os.major(dev % 2**64)}:{os.minor(dev % 2**64)}) is not mounted any more;"
+                " they wait for it, and nothing is marked missing"
+            )
+            if not self._put(Unmounted(folder, message)):
+                return
+
+
+@dataclass(slots=True)
+class _Tree:
+    """What one walk of a root has seen."""
+
+    visited: set[tuple[int, int]]  # folders, by (st_dev, st_ino): bind mounts looping back
+    devices: set[int]  # the filesystems the folders are on (as stored: signed)
+    seen: set[bytes] = field(default_factory=set)
+    partial: bool = False  # a folder could not be read: nothing is vanished
+
+    def enter(self, entry: os.DirEntry[bytes], stack: list[bytes]) -> None:
+        st = entry.stat(follow_symlinks=False)
+        key = (st.st_dev, st.st_ino)
+        if key not in self.visited:
+            self.visited.add(key)
+            self.devices.add(signed(st.st_dev))
+            stack.append(entry.path)
+
+
+def _existing_folder(path: bytes) -> bytes:
+    """The nearest folder at or above path that exists (a mount point's folder stays when
+    its filesystem goes)."""
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
 
 
 def _has_photo_signature(path: bytes) -> bool:

@@ -26,7 +26,8 @@ SIGHUP         :meth:`resize` to the new workers.count; new settings apply
 
 from __future__ import annotations
 
-import contextlib
+import functools
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,13 +37,13 @@ from photoscand.catalog import Catalog, Job
 from photoscand.children import (
     Child,
     ChildStartError,
-    StartChild,
+    Starter,
     describe_exit,
     restart_delay,
 )
 from photoscand.clock import Clock
 from photoscand.config import WorkersConfig
-from photoscand.log import display_path, get_logger
+from photoscand.log import display_path, get_logger, one_file
 from photoscand.metrics import Metrics
 from photoscand.prefetch import Prefetcher
 from photoscand.protocol import (
@@ -62,6 +63,8 @@ DISK_FULL_PROBE_SECONDS = 5.0
 UNAVAILABLE_ROOT_RETRY_SECONDS = 60.0
 # The start-up sweep of stale temporary thumbnails; past this the workers start anyway.
 SWEEP_TIMEOUT_SECONDS = 60.0
+# How often killed workers are looked at until their exit is reported.
+REAP_POLL_SECONDS = 0.5
 # A worker that dies this many times in a row before it is ready means workers cannot live.
 EARLY_DEATHS_UNHEALTHY = 5
 
@@ -79,6 +82,7 @@ class _Slot:
     job_started: float = 0.0
     idle_since: float = 0.0
     restart_after: float = 0.0
+    starting: int = 0  # the token of the start under way (0: none)
     early_deaths: int = 0  # consecutive deaths before "ready": back off restarts
     retire: bool = False  # the pool shrank: stop this worker once it is idle
     restart_on_idle: bool = False  # settings changed: replace this worker once it is idle
@@ -90,7 +94,8 @@ class Supervisor:
 
     Args:
         catalog: the daemon's read-write catalog.
-        start_child: starts a child process (the fork server's ``Child`` in the daemon).
+        starter: starts the workers without holding the loop (see children.Starter); its
+            ``start_child`` starts the one-off sweep at start-up.
         workers: the ``workers`` settings (count, timeout, attempts, back-off).
         settings: what each worker converts to.
         metrics: where outcomes go.
@@ -105,7 +110,7 @@ class Supervisor:
     def __init__(
         self,
         catalog: Catalog,
-        start_child: StartChild,
+        starter: Starter,
         workers: WorkersConfig,
         settings: ThumbnailSettings,
         *,
@@ -116,7 +121,8 @@ class Supervisor:
         unavailable_root: Callable[[bytes], bytes | None] | None = None,
     ) -> None:
         self.catalog = catalog
-        self.start_child = start_child
+        self.starter = starter
+        self._start_tokens = 0
         self.settings = settings
         self.timeout = workers.timeout_seconds
         self.max_attempts = workers.max_attempts
@@ -128,6 +134,13 @@ class Supervisor:
         self.unavailable_root = unavailable_root
         self.log = get_logger("supervisor")
         self._slots: list[_Slot] = [_Slot(i) for i in range(workers.count)]
+        # Killed workers whose exit the fork server has not reported yet (reaped later, so
+        # that a stopped or slow fork server never blocks the loop).
+        self._reaping: list[Child] = []
+        # Claimed rows whose metadata phase 1 reads first (it failed for a reason that may be
+        # gone): phase 2 must not mark them done with their metadata missing.
+        self._awaiting_metadata: dict[int, Job] = {}
+        self._metadata_read: deque[int] = deque()
         self._work_maybe_pending = True
         self._next_retry_at: float | None = None  # wall time of the earliest back-off's end
         self.stopping = False
@@ -147,7 +160,7 @@ class Supervisor:
         worker starts: a live worker's temporary file looks the same."""
         folder = self.settings.out_dir
         try:
-            child = self.start_child(sweep_main, (folder,), "photoscand-sweep")
+            child = self.starter.start_child(sweep_main, (folder,), "photoscand-sweep")
         except ChildStartError as exc:
             self.log.warning("sweep of stale temporary thumbnails failed", error=str(exc))
             return
@@ -168,19 +181,37 @@ class Supervisor:
             child.close(graceful=False)
 
     def _spawn(self, slot: _Slot, now: float) -> None:
+        """Ask for a new worker in the slot; it is taken in by _take_started."""
+        self._start_tokens += 1
+        slot.starting = self._start_tokens
+        slot.child = None
         name = f"photoscand-worker-{slot.index}"
-        try:
-            slot.child = self.start_child(conversion_main, (self.settings,), name)
-        except ChildStartError as exc:
-            slot.child = None
-            slot.early_deaths += 1
-            slot.restart_after = now + restart_delay(0.25, slot.early_deaths)
-            self.log.error("worker could not be started; trying again", error=str(exc))
-            self._update_gauges()
-            return
-        slot.ready = False
-        slot.job = None
-        slot.idle_since = now
+        self.starter.request(
+            (slot.index, slot.starting, self.settings), conversion_main, (self.settings,), name
+        )
+        self._update_gauges()
+
+    def _take_started(self, now: float) -> None:
+        """The workers that were started since the last turn go to their slots; one nobody
+        waits for any more (the pool shrank, or it is stopping) is stopped."""
+        for (index, token, settings), result in self.starter.finished():
+            slot = self._slots[index] if index < len(self._slots) else None
+            if slot is None or slot.starting != token or self.stopping:
+                if isinstance(result, Child):
+                    self._discard(result)
+                continue
+            slot.starting = 0
+            if isinstance(result, ChildStartError):
+                slot.early_deaths += 1
+                slot.restart_after = now + restart_delay(0.25, slot.early_deaths)
+                self.log.error("worker could not be started; trying again", error=str(result))
+                continue
+            slot.child = result
+            slot.ready = False
+            slot.job = None
+            slot.idle_since = now
+            # Settings reloaded while it started: it is replaced once it is idle.
+            slot.restart_on_idle = settings != self.settings
         self._update_gauges()
 
     @property
@@ -257,17 +288,20 @@ class Supervisor:
         for slot in self._slots:
             if slot.job is not None:
                 deadlines.append(slot.job_started + self.timeout)
-            if slot.child is None:
+            if slot.child is None and not slot.starting:
                 deadlines.append(slot.restart_after)
         if self._next_retry_at is not None:
             deadlines.append(self._next_retry_at - self.clock.wall() + now)
         if self.disk_full_since is not None:
             deadlines.append(self._disk_probe_at)
+        if self._reaping:
+            deadlines.append(now + REAP_POLL_SECONDS)
         return min(deadlines) if deadlines else None
 
     # -- results and deaths -------------------------------------------------------------
 
     def on_ready(self, ready: Sequence[Any], now: float) -> None:
+        self._take_started(now)
         for slot in list(self._slots):
             child = slot.child
             if child is None:
@@ -285,6 +319,9 @@ class Supervisor:
                     return
                 message: WorkerReady | ConversionResult = child.conn.recv()
             except (EOFError, OSError):
+                # Its end of the pipe closed: the worker is dead, whether or not the fork
+                # server (which reports exits) has said so yet.
+                self._died(slot, child, now)
                 return
             if isinstance(message, WorkerReady):
                 slot.ready = True
@@ -293,7 +330,8 @@ class Supervisor:
                 continue
             job = slot.job
             if job is not None and message.image_id == job.id:
-                self._finish(slot, job, message, now)
+                with one_file(self.log, job.path, "recording a conversion"):
+                    self._finish(slot, job, message, now)
 
     def _finish(self, slot: _Slot, job: Job, result: ConversionResult, now: float) -> None:
         slot.job = None
@@ -389,6 +427,11 @@ class Supervisor:
         self.metrics.conversions.labels("released").inc()
         return True
 
+    def _discard(self, child: Child) -> None:
+        """Kill a worker now and reap it when its exit is reported."""
+        if not child.kill_now():
+            self._reaping.append(child)
+
     def _released(self, job: Job) -> None:
         """A worker is done with a job (finished, failed, died or was killed)."""
         if self.prefetcher is not None:
@@ -396,7 +439,7 @@ class Supervisor:
 
     def _died(self, slot: _Slot, child: Child, now: float) -> None:
         code = child.exitcode()
-        child.close(graceful=False)
+        self._discard(child)
         slot.child = None
         job, slot.job = slot.job, None
         if job is not None and self.stopping:
@@ -427,10 +470,17 @@ class Supervisor:
     # -- timeouts, restarts and dispatch ---------------------------------------------
 
     def tick(self, now: float) -> None:
+        self._take_started(now)
+        self._reaping = [child for child in self._reaping if not child.reaped()]
         for slot in self._slots:
             if slot.job is not None and now - slot.job_started > self.timeout:
                 self._timed_out(slot, now)
-            if slot.child is None and not self.stopping and now >= slot.restart_after:
+            if (
+                slot.child is None
+                and not slot.starting
+                and not self.stopping
+                and now >= slot.restart_after
+            ):
                 self._spawn(slot, now)
         if self._next_retry_at is not None and self.clock.wall() >= self._next_retry_at:
             self._next_retry_at = None
@@ -440,7 +490,7 @@ class Supervisor:
         job, slot.job = slot.job, None
         assert job is not None
         if slot.child is not None:
-            slot.child.close(graceful=False)
+            self._discard(slot.child)
         slot.child = None
         self.metrics.worker_restarts.labels("timeout").inc()
         self.log.warning(
@@ -469,14 +519,27 @@ class Supervisor:
         if self.prefetcher is not None:
             return self._dispatch_prefetched(now, self.prefetcher)
         idle = self._idle_for_dispatch(now)
+        sent = 0
+        while idle and self._metadata_read:
+            job = self._awaiting_metadata.pop(self._metadata_read.popleft())
+            self.send(idle.pop(0), self.catalog.refreshed(job), None, now)
+            sent += 1
         if not idle or not self._work_maybe_pending:
-            return 0
-        jobs = self._claim(len(idle), disk_order=False)
-        for slot, job in zip(idle, jobs, strict=False):
+            return sent
+        for job in self._claim(len(idle), disk_order=False):
             if job.needs_metadata and self.read_metadata is not None:
-                self.read_metadata(job, None, None)
-            self.send(slot, job, None, now)
-        return len(jobs)
+                self._awaiting_metadata[job.id] = job
+                self.read_metadata(job, None, functools.partial(self._metadata_done, job.id))
+            else:
+                self.send(idle.pop(0), job, None, now)
+                sent += 1
+        return sent
+
+    def _metadata_done(self, image_id: int) -> None:
+        """Phase 1 has read (or failed to read) a claimed row's metadata: it may go to a
+        worker now."""
+        if image_id in self._awaiting_metadata:
+            self._metadata_read.append(image_id)
 
     def _idle_for_dispatch(self, now: float) -> list[_Slot]:
         """The idle workers to give work now: all of them, or while the thumbnail disk is
@@ -490,7 +553,7 @@ class Supervisor:
         return idle[:1]
 
     def _claim(self, limit: int, *, disk_order: bool) -> list[Job]:
-        held = {s.job.id for s in self._slots if s.job is not None}
+        held = {s.job.id for s in self._slots if s.job is not None} | set(self._awaiting_metadata)
         if self.prefetcher is not None:
             held |= self.prefetcher.held_ids()
         jobs = self.catalog.claim(limit, self.clock.wall(), disk_order=disk_order, exclude=held)
@@ -529,17 +592,27 @@ class Supervisor:
 
     def send(self, slot: _Slot, job: Job, shared: SharedBytes | None, now: float) -> None:
         """Hand one job to an idle worker."""
-        assert slot.child is not None and slot.job is None
+        child = slot.child
+        assert child is not None and slot.job is None
         message = ConversionJob(
             job.id, job.path, job.format, job.orientation, reuse=not job.reconvert, shared=shared
         )
+        try:
+            child.conn.send(message)
+        except OSError:
+            # Found dead as the job was handed over: not the job's fault. It goes back to
+            # pending and the worker is replaced.
+            self.catalog.release(job.id)
+            self._released(job)
+            self.wake()
+            self._died(slot, child, now)
+            return
         slot.job = job
-        slot.job_started = now
+        # The timeout runs from now, not from the turn's start: the loop may have waited in
+        # between (a fork server slow to start a worker).
+        slot.job_started = self.clock.monotonic()
         if slot.idle_since and slot.waiting_for_input:
             self.metrics.worker_wait_seconds.inc(max(0.0, now - slot.idle_since))
-        # If the worker died, its sentinel reports it and the job counts a crash.
-        with contextlib.suppress(OSError):
-            slot.child.conn.send(message)
         self._update_gauges()
 
     def _disk_space_back(self) -> None:
@@ -549,7 +622,9 @@ class Supervisor:
         self.wake()
 
     def _update_gauges(self) -> None:
-        self.metrics.workers.set(sum(1 for s in self._slots if s.child is not None))
+        # A worker being started counts: the gauge is the pool in effect.
+        alive = sum(1 for s in self._slots if s.child is not None or s.starting)
+        self.metrics.workers.set(alive)
         self.metrics.workers_busy.set(self.busy())
         self.metrics.workers_idle.set(len(self.idle_slots()))
 
@@ -561,8 +636,11 @@ class Supervisor:
 
     def kill_all(self) -> list[Job]:
         """Kill every worker now; returns the jobs they held (to go back to pending)."""
-        held = []
+        held = list(self._awaiting_metadata.values())
+        self._awaiting_metadata.clear()
+        self._metadata_read.clear()
         for slot in self._slots:
+            slot.starting = 0  # a worker still starting is stopped when it comes
             if slot.job is not None:
                 held.append(slot.job)
                 slot.job = None
@@ -571,3 +649,10 @@ class Supervisor:
                 slot.child = None
         self._update_gauges()
         return held
+
+    def close(self) -> None:
+        """At the end: no worker left running, none still starting, none unreaped."""
+        for child in self.starter.close():
+            self._discard(child)
+        for child in self._reaping:
+            child.reaped()

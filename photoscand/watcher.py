@@ -14,6 +14,7 @@ liveness by the daemon's loop and restarted when they die.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from watchdog.events import (
     FileClosedEvent,
     FileCreatedEvent,
     FileDeletedEvent,
+    FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
     FileSystemEventHandler,
@@ -36,11 +38,15 @@ from watchdog.events import (
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
-# What the daemon acts on. Modified/opened/closed-without-write events are left out:
-# they are noise (our own reads would produce them) and narrow the inotify mask.
+# What the daemon acts on. Opened and closed-without-write events are left out: they are
+# noise (our own reads produce them) and narrow the inotify mask. Modified (a write, or an
+# attribute change: chmod, utime) is kept for files changed in place without a close
+# (truncate(2), a writer that keeps the file open) and for permissions fixed after a copy;
+# a burst of writes to one file is reported once (see Watcher._put).
 EVENT_FILTER = [
     FileCreatedEvent,
     FileClosedEvent,
+    FileModifiedEvent,
     FileMovedEvent,
     FileDeletedEvent,
     DirMovedEvent,
@@ -50,6 +56,7 @@ EVENT_FILTER = [
 _EVENT_KINDS: dict[type, str] = {
     FileCreatedEvent: "created",
     FileClosedEvent: "closed",
+    FileModifiedEvent: "modified",
     FileMovedEvent: "moved",
     FileDeletedEvent: "deleted",
     DirMovedEvent: "dir_moved",
@@ -59,8 +66,9 @@ _EVENT_KINDS: dict[type, str] = {
 
 @dataclass(frozen=True, slots=True)
 class FsEvent:
-    """One filesystem event: ``kind`` is created, closed, moved, deleted, dir_moved or
-    dir_deleted; ``dest`` is set for moves; ``at`` is the monotonic time it arrived."""
+    """One filesystem event: ``kind`` is created, closed, modified, moved, deleted,
+    dir_moved or dir_deleted; ``dest`` is set for moves; ``at`` is the monotonic time it
+    arrived."""
 
     kind: str
     path: bytes
@@ -113,6 +121,7 @@ class WatchCheck:
     dropped: int = 0  # events dropped on the full queue since the last check
     overflows: int = 0  # kernel queue overflows since the last check
     watches: int | None = None  # inotify watches held now (None: not inotify, or not looked)
+    watch_limited: bool = False  # a root is not watched: the inotify watch limit is reached
 
 
 # How often the observer and the roots are looked at (events lost are handled at once).
@@ -158,12 +167,20 @@ class Watcher:
         self.overflows = 0  # kernel queue overflows (read by the daemon)
         self.walk_wanted = threading.Event()  # set when events may have been lost
         self._checked_at = -math.inf
+        self._last_modified: bytes | None = None
+        # Roots that exist but could not be watched: the inotify watch limit was reached.
+        self.watch_limited: set[bytes] = set()
         self._overflow_log = _OverflowLog(self._overflowed)
         logging.getLogger("watchdog").addHandler(self._overflow_log)
 
     # -- handler side (watchdog's thread) -------------------------------------------
 
     def _put(self, event: FsEvent) -> None:
+        # A copy writes a file in many chunks, each a modify event: one per burst is enough
+        # (the file settles before it is read). Per emitter thread, one path at a time.
+        if event.kind == "modified" and event.path == self._last_modified:
+            return
+        self._last_modified = event.path if event.kind == "modified" else None
         try:
             self.events.put_nowait(event)
         except queue.Full:
@@ -207,9 +224,14 @@ class Watcher:
             )
         except OSError as exc:
             root.watch = None
+            if exc.errno == errno.ENOSPC:
+                # The folder is fine, the walks read it; only its events are missing.
+                self.watch_limited.add(root.path)
+                return True
             root.available = False
             root.problem = exc.strerror or str(exc)
             return False
+        self.watch_limited.discard(root.path)
         root.identity = (st.st_dev, st.st_ino)
         root.available = True
         root.problem = ""
@@ -243,7 +265,14 @@ class Watcher:
             return WatchCheck(lost, True, dropped=dropped, overflows=overflows)
         back, gone = self.check_roots()
         return WatchCheck(
-            lost, False, tuple(back), tuple(gone), dropped, overflows, self.watch_count()
+            lost,
+            False,
+            tuple(back),
+            tuple(gone),
+            dropped,
+            overflows,
+            self.watch_count(),
+            bool(self.watch_limited),
         )
 
     def observer_alive(self) -> bool:
@@ -303,7 +332,7 @@ class Watcher:
                     with contextlib.suppress(Exception):
                         observer.unschedule(root.watch)
                     root.watch = None
-                if self._schedule(root):
+                if self._schedule(root) and root.path not in self.watch_limited:
                     back.append(root.path)
             elif not exists and root.available:
                 root.available = False
@@ -318,6 +347,16 @@ class Watcher:
     def unavailable(self) -> dict[bytes, str]:
         """Roots that cannot be watched now, with why."""
         return {r.path: r.problem for r in self._roots if not r.available}
+
+    @staticmethod
+    def watch_limit() -> int | None:
+        """How many inotify watches this user may hold: the lower of the system's limit and
+        the user namespace's (None when neither can be read)."""
+        limits = []
+        for name in ("/proc/sys/fs/inotify/max_user_watches", "/proc/sys/user/max_inotify_watches"):
+            with contextlib.suppress(OSError, ValueError), open(name) as fh:
+                limits.append(int(fh.read()))
+        return min(limits) if limits else None
 
     @staticmethod
     def watch_count() -> int | None:

@@ -37,7 +37,8 @@ class FakeConn:
     def __init__(self) -> None:
         self.sent: list[Any] = []
         self.inbox: deque[Any] = deque()
-        self.broken = False
+        self.broken = False  # sending fails
+        self.eof = False  # the child's end is closed: reading ends
 
     def send(self, message: Any) -> None:
         if self.broken:
@@ -45,7 +46,7 @@ class FakeConn:
         self.sent.append(message)
 
     def poll(self, timeout: float = 0.0) -> bool:
-        return bool(self.inbox)
+        return bool(self.inbox) or self.eof
 
     def recv(self) -> Any:
         if not self.inbox:
@@ -83,6 +84,18 @@ class FakeChild:
         self.closed = "graceful" if graceful and self.code is None else "killed"
         self.conn.close()
 
+    def kill_now(self) -> bool:
+        self.closed = "killed"
+        self.conn.close()
+        return self.reaped()
+
+    def reaped(self) -> bool:
+        return self.unreported is False
+
+    # Set by a test to True to keep the exit unreported (a stopped fork server), False once
+    # it is reported.
+    unreported = False
+
     def die(self, code: int = -9) -> None:
         """The process exits (SIGKILL by default)."""
         self.code = code
@@ -114,3 +127,28 @@ class FakeChildren:
 
     def named(self, prefix: str) -> list[FakeChild]:
         return [c for c in self.started if c.name.startswith(prefix)]
+
+
+class ImmediateStarter:
+    """A children.Starter that starts each child at once, in the caller's thread; the result
+    is handed over at the next ``finished()``, as the real one does once its thread is done."""
+
+    def __init__(self, start_child: Callable[..., Any]) -> None:
+        self.start_child = start_child
+        self._done: list[tuple[Any, Any]] = []
+
+    def request(self, key: Any, target: Callable[..., None], args: tuple, name: str) -> None:
+        from photoscand.children import ChildStartError
+
+        try:
+            result: Any = self.start_child(target, args, name)
+        except ChildStartError as exc:
+            result = exc
+        self._done.append((key, result))
+
+    def finished(self) -> list[tuple[Any, Any]]:
+        done, self._done = self._done, []
+        return done
+
+    def close(self) -> list[Any]:
+        return [child for _key, child in self.finished() if isinstance(child, FakeChild)]

@@ -1,11 +1,7 @@
-"""Issue 19: nine faults the fault suite did not cover, one group of tests per point of the
-issue, each with the real daemon (a subprocess on a temporary config, real files, real
-signals, loop-mounted ext4 images where a real filesystem boundary is the fault).
-
-Every test states the fixed behaviour and fails on the code it was written against; each
-is marked ``xfail(strict=True)`` with its point, so the branch lands while main stays
-green, and the fix of a point removes its marker (a test that starts passing while still
-marked fails the run: XPASS(strict)).
+"""Nine faults the first fault campaign did not try, one group of tests per fault, each
+with the real daemon (a subprocess on a temporary config, real files, real signals,
+loop-mounted ext4 images where a real filesystem boundary is the fault); docs/reliability.md
+has a row for each:
 
 1. out-of-range numbers from a file or from ``stat`` (mtime after 2262 or before 1677, a
    BigTIFF whose header declares more than 2^63 pixels a side) crash-loop the daemon;
@@ -73,12 +69,6 @@ YEAR_NS = 365 * 86400 * 10**9
 EXIT_LOCKED = 3
 
 
-def issue(point: int, what: str, raises: type[BaseException] | tuple = AssertionError):
-    """The marker every test here carries until its point is fixed. ``raises``: how today's
-    code fails it, so that a test broken for another reason shows as an error."""
-    return pytest.mark.xfail(strict=True, raises=raises, reason=f"issue 19 point {point}: {what}")
-
-
 # -- helpers -----------------------------------------------------------------------------
 
 
@@ -131,7 +121,8 @@ def alive_until(
 
 
 def walks(daemon: DaemonProcess) -> int:
-    return daemon.log_text().count('"walk finished"')
+    """Walks this run of the daemon has finished (from its metrics)."""
+    return daemon.walks_done()
 
 
 def warnings_mentioning(daemon: DaemonProcess, *needles: str, start: int = 0) -> list[dict]:
@@ -232,11 +223,6 @@ def _catalog_row(catalog: Catalog, path: bytes) -> dict[str, Any]:
     return dict(zip(names, values[0], strict=True))
 
 
-@issue(
-    1,
-    "out-of-range numbers reach SQLite (OverflowError) or are stored as they are",
-    raises=(OverflowError, AssertionError),
-)
 @pytest.mark.parametrize(("column", "value"), _STAT_CASES + _META_CASES)
 def test_the_catalog_stores_only_representable_numbers(tmp_path: Path, column: str,
                                                        value: float) -> None:  # fmt: skip
@@ -281,7 +267,6 @@ def test_the_catalog_stores_only_representable_numbers(tmp_path: Path, column: s
         catalog.close()
 
 
-@issue(1, "an mtime outside 64-bit nanoseconds raises OverflowError in the main loop")
 @pytest.mark.parametrize("when", ["after_2262", "before_1677"])
 def test_a_photo_dated_outside_64_bit_nanoseconds_is_converted_and_the_daemon_stays_up(
     daemon_factory, tmp_path: Path, when: str
@@ -331,7 +316,6 @@ def test_a_photo_dated_outside_64_bit_nanoseconds_is_converted_and_the_daemon_st
             daemon.kill()
 
 
-@issue(1, "a BigTIFF width or height past 2^63-1 raises OverflowError in the main loop")
 @pytest.mark.parametrize("side", ["width", "height"])
 def test_a_bigtiff_declaring_more_than_2_63_pixels_fails_as_corrupt_and_the_daemon_goes_on(
     daemon_factory, side: str
@@ -403,14 +387,13 @@ def _metadata_state(daemon: DaemonProcess, path: Path) -> tuple | None:
             row["metadata_error"], row["error"], row["attempts"])  # fmt: skip
 
 
-@issue(2, "a permission failure in phase 1 is final: the photo ends done without metadata")
 def test_metadata_is_read_once_a_file_unreadable_on_arrival_becomes_readable(
     unprivileged_daemons,
 ) -> None:
     daemon = unprivileged_daemons({"workers": {"max_attempts": 5,
                                                "retry_backoff_seconds": 0.5}})  # fmt: skip
     daemon.start()
-    wait_for(lambda: walks(daemon) >= 1, message="the start-up walk")
+    daemon.wait_walks(1)
     photo = daemon.photos / "permissions-fixed-later.jpg"
     _write_unreadable(photo, SMALL_PHOTO.read_bytes())
     try:
@@ -439,7 +422,6 @@ def test_metadata_is_read_once_a_file_unreadable_on_arrival_becomes_readable(
     assert daemon.stop() == 0
 
 
-@issue(2, "neither a restart's walk nor `retry --all` reads lost metadata again")
 def test_metadata_lost_to_permissions_is_read_again_after_a_restart_and_a_retry(
     unprivileged_daemons,
 ) -> None:
@@ -455,7 +437,7 @@ def test_metadata_lost_to_permissions_is_read_again_after_a_restart_and_a_retry(
         # Fixed while the daemon was down: size and mtime unchanged, only the mode.
         os.chmod(photo, 0o644)
         daemon.start()
-        wait_for(lambda: walks(daemon) >= 2, message="the second start-up walk")
+        daemon.wait_walks(1)  # this run's start-up walk
         retried = photoscand("retry", "--all", "--config", str(daemon.config_path),
                              cwd=daemon.root)  # fmt: skip
         assert retried.returncode == 0, retried.stderr
@@ -551,7 +533,6 @@ def _check_is_the_new_photo(daemon: DaemonProcess, path: Path, data: bytes,
     assert thumbs and all(sha256(data) in t for t in thumbs), thumbs
 
 
-@issue(3, "move detection adopts a deleted photo's row for a new file on its reused inode")
 def test_a_new_file_on_a_deleted_photos_inode_is_a_new_image(daemon_factory,
                                                              tmp_path: Path) -> None:  # fmt: skip
     daemon = daemon_factory()
@@ -582,7 +563,6 @@ def test_a_new_file_on_a_deleted_photos_inode_is_a_new_image(daemon_factory,
             daemon.kill()
 
 
-@issue(3, "a walk adopts a deleted photo's row for a new file on its reused inode")
 def test_a_new_file_on_a_reused_inode_found_by_a_walk_is_a_new_image(
     daemon_factory, tmp_path: Path
 ) -> None:
@@ -620,7 +600,6 @@ def _unavailable_metric(port: int) -> float:
                if "unavailable" in name or "unmounted" in name)  # fmt: skip
 
 
-@issue(4, "a volume unmounted inside a watched root: every row under it becomes missing")
 def test_a_volume_unmounted_inside_a_watched_root_waits_and_comes_back(
     daemon_factory, tmp_path: Path
 ) -> None:
@@ -669,7 +648,6 @@ def test_a_volume_unmounted_inside_a_watched_root_waits_and_comes_back(
         unmount(nas)
 
 
-@issue(4, "a different filesystem mounted over a watched root: every row becomes missing")
 def test_a_filesystem_mounted_over_a_watched_root_is_not_read_as_deletion(
     daemon_factory, tmp_path: Path
 ) -> None:
@@ -713,7 +691,6 @@ def test_a_filesystem_mounted_over_a_watched_root_is_not_read_as_deletion(
 # -- point 5: changed in place without a close --------------------------------------------
 
 
-@issue(5, "a modification without a close event is ignored until the periodic walk")
 @pytest.mark.parametrize("how", ["writer_keeps_it_open", "truncate"])
 def test_a_photo_changed_in_place_without_a_close_is_cataloged_again(daemon_factory,
                                                                      how: str) -> None:  # fmt: skip
@@ -756,7 +733,6 @@ def test_a_photo_changed_in_place_without_a_close_is_cataloged_again(daemon_fact
 # -- point 6: the lock file deleted under a running daemon -----------------------------------
 
 
-@issue(6, "a second daemon starts on the same catalog once <catalog>.lock is deleted")
 def test_deleting_the_lock_file_does_not_let_a_second_daemon_run(daemon_factory) -> None:
     first = daemon_factory()
     first.start().wait_ready()
@@ -787,7 +763,6 @@ def _attempts_and_error(daemon: DaemonProcess, path: Path) -> tuple | None:
     return row and (row["status"], row["attempts"], row["error"])
 
 
-@issue(7, "a job handed to a worker found dead (fork server stopped) is charged `crashed`")
 def test_a_worker_killed_while_idle_under_a_stopped_fork_server_costs_no_attempt(
     daemon_factory,
 ) -> None:
@@ -818,7 +793,6 @@ def test_a_worker_killed_while_idle_under_a_stopped_fork_server_costs_no_attempt
     assert daemon.stop() == 0
 
 
-@issue(7, "the timeout runs from a stale loop time: two `timeout` attempts for one fault")
 def test_a_stopped_worker_costs_its_image_exactly_one_timeout(daemon_factory) -> None:
     daemon = daemon_factory({"workers": {"count": 2, "timeout_seconds": 2, "max_attempts": 5,
                                          "retry_backoff_seconds": 0.2}})  # fmt: skip
@@ -867,7 +841,6 @@ IDLE_CLIENTS = 100
 THREAD_ALLOWANCE = 24
 
 
-@issue(8, "one thread per open metrics connection, held as long as the client likes")
 def test_idle_metrics_connections_cannot_pin_threads_or_starve_scrapes(daemon_factory) -> None:
     port = free_port()
     daemon = daemon_factory({"metrics": {"listen": f"127.0.0.1:{port}"}})
@@ -1013,7 +986,6 @@ def _watch_limit_in_a_namespace_works() -> str | None:
     return None
 
 
-@issue(9, "running out of inotify watches is logged as an unavailable root, without numbers")
 def test_an_inotify_watch_limit_below_the_folder_count_is_logged_once_shown_and_exported(
     tmp_path: Path,
 ) -> None:

@@ -28,7 +28,7 @@ from photoscand.protocol import (
 )
 from photoscand.supervisor import DISK_FULL_PROBE_SECONDS, Supervisor
 from photoscand.worker import conversion_main, sweep_main
-from tests.fakes import FakeChild, FakeChildren, FakeClock
+from tests.fakes import FakeChild, FakeChildren, FakeClock, ImmediateStarter
 
 WORKERS = WorkersConfig(
     count=2,
@@ -58,7 +58,7 @@ class Pool:
         self.tmp_path = tmp_path
         self.supervisor = Supervisor(
             self.catalog,
-            self.children,
+            ImmediateStarter(self.children),
             workers,
             settings(tmp_path),
             metrics=self.metrics,
@@ -72,6 +72,7 @@ class Pool:
 
     def start(self) -> None:
         self.supervisor.start()
+        self.turn()  # the started workers are taken in
         for worker in self.workers():
             self.ready(worker)
 
@@ -264,6 +265,7 @@ def test_a_worker_that_keeps_dying_before_it_is_ready_is_restarted_with_back_off
 def test_a_worker_that_cannot_be_started_is_tried_again_later(pool: Pool) -> None:
     pool.children.failures = 2  # the sweep, then the first worker
     pool.supervisor.start()
+    pool.turn()
     assert len(pool.workers()) == 1
     deadline = pool.supervisor.next_deadline(pool.clock.now)
     assert deadline == pytest.approx(pool.clock.now + 0.5)
@@ -389,3 +391,86 @@ def test_phase_1_is_not_touched_by_phase_2_decisions(pool: Pool, tmp_path: Path)
     assert names[0] == "photoscand-sweep"
     assert all(n.startswith("photoscand-worker-") for n in names[1:])
     assert os.fspath(tmp_path / "thumbs") in pool.children.started[0].args
+
+
+def test_a_worker_whose_pipe_closes_while_idle_is_replaced_without_waiting_for_its_exit(
+    pool: Pool,
+) -> None:
+    """The fork server reports exits; while it is stopped, a dead worker's closed pipe is
+    what tells: the worker is replaced at once, and the next image is not charged for it."""
+    pool.start()
+    dead = pool.workers()[0]
+    dead.unreported = True  # the fork server says nothing yet
+    dead.conn.eof = True
+    pool.turn(dead.conn)
+    assert dead.closed == "killed"
+    assert len(pool.children.named("photoscand-worker")) == 3
+    (image,) = pool.add(1)
+    pool.ready(pool.children.started[-1])
+    pool.turn()
+    pool.done(next(w for w in pool.workers() if w.jobs()))
+    assert pool.row(image)[:3] == ("done", 0, None)
+    # It is reaped once its exit is reported, and the loop is told to look until then.
+    assert pool.supervisor.next_deadline(pool.clock.now) is not None
+    dead.unreported = False
+    pool.turn()
+    assert pool.supervisor._reaping == []
+
+
+def test_a_job_handed_to_a_worker_found_dead_costs_nothing(pool: Pool) -> None:
+    pool.start()
+    first, _ = pool.workers()
+    first.conn.broken = True  # dead, and nothing said so yet
+    (image,) = pool.add(1)
+    pool.turn()
+    assert pool.row(image)[:2] == ("pending", 0)
+    assert first.closed == "killed"
+    pool.turn()
+    holder = next(w for w in pool.workers() if w.jobs())
+    pool.done(holder)
+    assert pool.row(image)[:3] == ("done", 0, None)
+
+
+def test_the_timeout_runs_from_when_the_job_was_handed_over(pool: Pool) -> None:
+    """A turn whose start is stale (the loop waited in between) must not shorten the next
+    job's time: one fault costs exactly one attempt."""
+    pool.start()
+    (image,) = pool.add(1)
+    stale = pool.clock.now
+    pool.clock.advance(20.0)  # the loop was held up after it read the clock
+    pool.supervisor.dispatch(stale)
+    pool.clock.advance(WORKERS.timeout_seconds - 1)
+    pool.supervisor.tick(pool.clock.now)
+    assert pool.row(image)[:2] == ("converting", 0), "timed out early"
+    pool.clock.advance(1.01)
+    pool.supervisor.tick(pool.clock.now)
+    assert pool.row(image)[:2] == ("pending", 1)
+
+
+def test_a_row_whose_metadata_failed_for_a_passing_reason_is_read_again_before_it_converts(
+    tmp_path: Path,
+) -> None:
+    """Phase 2 never marks such a row done with its metadata missing: phase 1 reads it first,
+    and only then does a worker get it, with what phase 1 found."""
+    pool = Pool(tmp_path)
+    asked: list[tuple[int, object]] = []
+
+    def read_metadata(job, shared, done) -> None:
+        asked.append((job.id, done))
+
+    pool.supervisor.read_metadata = read_metadata
+    pool.start()
+    stat = FileStat(b"/photos/locked.jpg", 100, 1, 1, 77)
+    problem = PhotoMetadata(format="jpeg", exif=None, metadata_error="permission: denied")
+    image = pool.catalog.add_image(stat, problem, pool.clock.wall())
+    pool.supervisor.wake()
+    pool.turn()
+    assert [i for i, _ in asked] == [image]
+    assert all(not w.jobs() for w in pool.workers()), "converted before its metadata was read"
+    # Phase 1 reads it now (what Ingest does with the answer), then says it is done.
+    pool.catalog.update_metadata(image, PhotoMetadata(format="jpeg", orientation=6))
+    asked[0][1]()
+    pool.turn()
+    (job,) = [j for w in pool.workers() for j in w.jobs()]
+    assert (job.image_id, job.orientation) == (image, 6)
+    pool.catalog.close()
