@@ -1,36 +1,45 @@
 # Two commands on a fresh machine (after the Debian packages listed in README.md):
-#   make run    sets up .venv and runs the daemon on the built-in defaults
-#   make test   sets up .venv and runs the linters and the whole default test suite
+#   make run    sets up .venv with what the daemon needs and runs it (CONFIG=FILE for another
+#               config than ./config.yaml)
+#   make test   adds the test and benchmark tools and runs the linters and the whole default
+#               test suite
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+DEVELOPMENT := $(VENV)/.installed-development
 
-.PHONY: run test test-slow lint format bench clean
+.PHONY: run test test-slow lint format clean
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+
+$(RUNTIME): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $(RUNTIME)
+
+$(DEVELOPMENT): pyproject.toml $(RUNTIME)
 	$(BIN)/pip install --quiet -e '.[test,bench]'
-	touch $(STAMP)
+	touch $(DEVELOPMENT)
 
-run: $(STAMP)
+run: $(RUNTIME)
 	mkdir -p photos
-	$(BIN)/photoscand run
+	$(BIN)/photoscand run $(if $(CONFIG),--config '$(CONFIG)')
 
-test: $(STAMP)
+test: $(DEVELOPMENT)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
-test-slow: $(STAMP)
+test-slow: $(DEVELOPMENT)
 	$(BIN)/pytest -m slow
 
-lint: $(STAMP)
+lint: $(DEVELOPMENT)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: $(STAMP)
+format: $(DEVELOPMENT)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 

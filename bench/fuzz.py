@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     started = time.monotonic()
     with open(log_path, "wb") as log:
-        env = {**os.environ, "PHOTOSCAND_FUZZ_LAUNCHER": str(launcher)}
+        env = {**os.environ, "PSCD_BENCH_FUZZ_LAUNCHER": str(launcher)}
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, cwd=out, env=env)
     elapsed = time.monotonic() - started
     summary = summarize(log_path, findings, elapsed, args)
@@ -208,7 +208,7 @@ def atheris_main(target: str, argv: list[str]) -> None:
         function(data)
 
     # argv[0] is the launcher (see run()), for fork mode's children.
-    atheris.Setup([os.environ.get("PHOTOSCAND_FUZZ_LAUNCHER", sys.argv[0]), *argv], one)
+    atheris.Setup([os.environ.get("PSCD_BENCH_FUZZ_LAUNCHER", sys.argv[0]), *argv], one)
     atheris.Fuzz()
 
 

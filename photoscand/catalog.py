@@ -613,6 +613,14 @@ class Catalog:
         for image_id, path, status, dev in cur:
             yield image_id, bytes(path), status, dev
 
+    def count_at_or_under(self, path: bytes) -> int:
+        """How many rows are at ``path`` or under it (a file or a folder)."""
+        low, high = _prefix_bounds(path)
+        return self._conn.execute(
+            "SELECT count(*) FROM images WHERE path = ? OR (path >= ? AND path < ?)",
+            (path.rstrip(b"/") or b"/", low, high),
+        ).fetchone()[0]
+
     def count_under(self, root: bytes, statuses: Sequence[str] = STATUSES) -> int:
         """How many rows under a watched root have one of these statuses."""
         low, high = _prefix_bounds(root)
@@ -772,6 +780,17 @@ class Catalog:
             "UPDATE images SET status = 'missing', error = ?, retry_at = NULL"
             " WHERE id = ? AND status = 'converting'",
             ("vanished: " + message, image_id),
+        )
+
+    def postpone(self, image_id: int, retry_at: float) -> None:
+        """Give a claimed row back to ``pending`` until ``retry_at``, no attempt counted."""
+        self._write(self._op_postpone, image_id, retry_at)
+
+    def _op_postpone(self, image_id: int, retry_at: float) -> None:
+        self._conn.execute(
+            "UPDATE images SET status = 'pending', retry_at = ?"
+            " WHERE id = ? AND status = 'converting'",
+            (retry_at, image_id),
         )
 
     def postpone_under(self, image_id: int, root: bytes, retry_at: float) -> None:

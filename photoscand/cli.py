@@ -1,7 +1,8 @@
 """The command line: ``run``, ``scan``, ``status``, ``retry`` and ``check-config``.
 
-Exit codes: 0 success; 1 images failed (``scan``) or a forced stop; 2 a usage,
-configuration or catalog error; 3 the catalog is locked by another photoscand.
+Exit codes (photoscand/exitcodes.py): 0 success; 1 images failed (``scan``), a forced stop, or
+nothing to retry; 2 a usage, configuration or catalog error; 3 the catalog is locked by
+another photoscand.
 """
 
 from __future__ import annotations
@@ -10,33 +11,47 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from photoscand import __version__, exitcodes
 from photoscand.catalog import Catalog, CatalogError
 from photoscand.children import start_fork_server
-from photoscand.config import Config, ConfigError, describe, load_config
-from photoscand.lock import CatalogLocked, daemon_pid
-from photoscand.outcomes import split_error
-from photoscand.progress import progress_line
+from photoscand.config import Config, ConfigError, describe, load_catalog_config, load_config
+from photoscand.lock import CatalogLocked
+from photoscand.status import status_data, status_lines
+
+
+def _common_options(parser: argparse.ArgumentParser, *, default: Any) -> None:
+    """The options every command takes, before or after the command's name. The copy on each
+    command defaults to SUPPRESS, so that it does not overwrite the one given before."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=default,
+        help="config file (default: $PHOTOSCAND_CONFIG, else ./config.yaml, else"
+        " /etc/photoscand/config.yaml, else the built-in defaults)",
+    )
+    parser.add_argument("--workers", type=int, metavar="N", default=default, help="workers.count")
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=default,
+        help="logging.level",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="photoscand",
         description="Catalogs photos into SQLite as they land and makes thumbnails.",
-        epilog="Exit codes: 0 ok; 1 images failed (scan) or forced stop; 2 usage, configuration"
-        " or catalog error; 3 catalog locked by another photoscand.",
+        epilog="Exit codes: 0 ok; 1 images failed (scan), a forced stop, or nothing to retry;"
+        " 2 usage, configuration or catalog error; 3 catalog locked by another photoscand.",
     )
     parser.add_argument("--version", action="version", version=f"photoscand {__version__}")
+    _common_options(parser, default=None)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="FILE", help="config file (default ./config.yaml)")
-    common.add_argument("--workers", type=int, metavar="N", help="workers.count")
-    common.add_argument(
-        "--log-level", choices=("debug", "info", "warning", "error"), help="logging.level"
-    )
+    _common_options(common, default=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in (
         ("run", "the daemon, in the foreground"),
@@ -132,116 +147,73 @@ def _run(args: argparse.Namespace) -> int:
     return daemon.run()
 
 
-def status_data(
-    catalog: Catalog, roots: Sequence[str], failures: int, pid: int | None
-) -> dict[str, Any]:
-    """What ``photoscand status`` reports, as plain data.
-
-    Every figure is one the Grafana dashboard shows, computed the same way (see
-    docs/operations.md): counts per state (photoscand_images), phase 2 progress, the
-    conversion rate over 5 minutes, the oldest waiting image and failed rows by reason.
-    """
-    counts = catalog.counts()
-    now = time.time()
-    rates = catalog.converted_since(
-        {"last_minute": now - 60, "last_5_minutes": now - 300, "last_hour": now - 3600}
-    )
-    oldest = catalog.oldest_pending_since()
-    present = sum(counts.values()) - counts["missing"]
-    return {
-        "catalog": catalog.path,
-        "roots": list(roots),
-        "daemon_pid": pid,
-        "counts": counts,
-        "progress": progress_line(counts),
-        "phase2_done_ratio": round(counts["done"] / present, 4) if present else 1.0,
-        "converted": rates,
-        "rate_per_minute": round(rates["last_5_minutes"] / 5, 1),
-        "oldest_pending_age_seconds": round(now - oldest, 1) if oldest else 0,
-        "failures_by_reason": catalog.failure_reasons(),
-        # What the running daemon reports (a folder unmounted, the watch limit reached).
-        "conditions": [
-            {"kind": kind, "subject": subject, "message": message, "since": since}
-            for kind, subject, message, since in (catalog.conditions() if pid is not None else [])
-        ],
-        "recent_failures": [
-            {
-                "id": f.id,
-                "path": f.display_path,
-                "reason": split_error(f.error)[0],
-                "message": split_error(f.error)[1],
-                "attempts": f.attempts,
-            }
-            for f in catalog.recent_failures(failures)
-        ],
-    }
+def _catalog_config(args: argparse.Namespace) -> Config:
+    """The config of a command that needs only the catalog's location: problems elsewhere in
+    it are warnings (the daemon may run on an older, valid version of the file)."""
+    config, problems = load_catalog_config(args.config, overrides=_overrides(args))
+    _error(f"config: {config.file or 'none (built-in defaults)'}")
+    if problems:
+        _error(
+            "warning: the configuration has problems (this command needs only catalog.path,"
+            " and uses the defaults for the rest):\n  " + "\n  ".join(problems)
+        )
+    return config
 
 
 def _status(args: argparse.Namespace) -> int:
-    config = _load(args, check_paths=False)
-    if not os.path.exists(config.catalog.path):
-        _error(f"no catalog yet at {config.catalog.path} (has `photoscand run` been started?)")
-        return exitcodes.USAGE
-    # Asked before the catalog is opened here (see photoscand.lock).
-    pid = daemon_pid(config.catalog.path)
-    catalog = Catalog(config.catalog.path, readonly=True)
-    try:
-        data = status_data(catalog, config.watch.paths, args.failures, pid)
-    finally:
-        catalog.close()
+    config = _catalog_config(args)
+    data = status_data(config.catalog.path, config.watch.paths, args.failures)
     if args.json:
         print(json.dumps(data, indent=2, ensure_ascii=False))
-        return 0
-    counts = data["counts"]
-    pid = data["daemon_pid"]
-    print(data["progress"])
-    print("  " + "  ".join(f"{status}: {count}" for status, count in counts.items()))
-    print(
-        f"  phase 2: {data['phase2_done_ratio']:.1%} converted;"
-        f" {data['rate_per_minute']:g}/min over the last 5 minutes,"
-        f" {data['converted']['last_hour']} in the last hour;"
-        f" oldest waiting: {_duration(data['oldest_pending_age_seconds'])}"
-    )
-    print("  daemon: " + ("not running" if pid is None else f"running (pid {pid})"))
-    for condition in data["conditions"]:
-        subject = f" {condition['subject']}:" if condition["subject"] else ""
-        print(f"  attention:{subject} {condition['message']} (since {condition['since']})")
-    if data["failures_by_reason"]:
-        reasons = ", ".join(f"{r}: {n}" for r, n in sorted(data["failures_by_reason"].items()))
-        print(f"  failures by reason: {reasons}")
-    if data["recent_failures"]:
-        print("Recent failures:")
-        for failure in data["recent_failures"]:
-            print(f"  [{failure['reason']}] {failure['path']}: {failure['message']}")
-    return 0
-
-
-def _duration(seconds: float) -> str:
-    """``75`` -> ``1m 15s``, like Grafana's duration unit."""
-    whole = int(seconds)
-    if whole < 60:
-        return f"{seconds:g}s"
-    hours, rest = divmod(whole, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h {minutes}m" if hours else f"{minutes}m {secs}s"
+    else:
+        print("\n".join(status_lines(data)))
+    return exitcodes.OK
 
 
 def _retry(args: argparse.Namespace) -> int:
-    config = _load(args, check_paths=False)
+    config = _catalog_config(args)
+    if not os.path.exists(config.catalog.path):
+        _error(f"no catalog at {config.catalog.path}: nothing to retry")
+        return exitcodes.NOTHING_DONE
+    paths = [os.fsencode(os.path.abspath(p)) for p in args.paths]
     catalog = Catalog(config.catalog.path)
     try:
-        paths = [os.fsencode(os.path.abspath(p)) for p in args.paths] or None
-        count = catalog.retry(paths, include_done=args.all)
+        unknown = [p for p in paths if not catalog.count_at_or_under(p)]
+        count = catalog.retry(paths or None, include_done=args.all)
     finally:
         catalog.close()
+    for path in unknown:
+        _error(f"no image in the catalog at or under {os.fsdecode(path)}")
     what = "failed or done" if args.all else "failed"
     print(f"{count} {what} images queued again")
-    return 0
+    # A path that names nothing is most likely a typo: say so in the exit code too.
+    return exitcodes.NOTHING_DONE if unknown else exitcodes.OK
+
+
+# Folders the systemd unit hides from the daemon (ProtectHome=yes).
+HIDDEN_BY_THE_UNIT = ("/home", "/root", "/run/user")
+
+
+def hidden_interpreter() -> str | None:
+    """Where this Python lives, when the unit would hide it: a venv made from a pyenv or
+    user-installed Python under /home or /root cannot start under ProtectHome=yes."""
+    for place in (sys.base_prefix, os.path.realpath(sys.executable), sys.prefix):
+        if any(place == h or place.startswith(h + "/") for h in HIDDEN_BY_THE_UNIT):
+            return place
+    return None
 
 
 def _check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     print(describe(config))
+    hidden = hidden_interpreter()
+    if hidden is not None:
+        _error(
+            f"warning: this Python lives under {hidden}, which the systemd unit hides"
+            " (ProtectHome=yes): a service installed with it would not start. Make the"
+            " service's venv with the system Python: /usr/bin/python3 -m venv /opt/photoscand"
+            " (docs/operations.md)"
+        )
     try:
         from photoscand.converters import available_formats
 

@@ -22,6 +22,14 @@ import yaml
 from photoscand.protocol import ThumbnailSettings
 
 ENV_PREFIX = "PHOTOSCAND_"
+# Where the config is looked for: --config, then this variable, then ./config.yaml, then the
+# service's file.
+CONFIG_VARIABLE = "PHOTOSCAND_CONFIG"
+SYSTEM_CONFIG = "/etc/photoscand/config.yaml"
+# The PHOTOSCAND_* variables that are not settings; every other one is an error (a typo of a
+# setting must not pass in silence). The tests' and benchmarks' own knobs have a prefix of
+# their own (PSCD_), so that daemons started by them never see them.
+DOCUMENTED_VARIABLES = frozenset({CONFIG_VARIABLE})
 # Another name for workers.count, shared with other image tools; PHOTOSCAND_WORKERS_COUNT wins.
 WORKERS_COUNT_ALIAS = "IMAGE_WORKER_CONCURRENCY"
 DEFAULT_FILE_NAME = "config.yaml"
@@ -592,11 +600,19 @@ KEYS: dict[str, Key] = {key.name: key for key in _KEY_LIST}
 # --- the YAML file ----------------------------------------------------------------------
 
 
-def default_config_path(cwd: str | None = None) -> str | None:
-    """``./config.yaml`` (absolute) when it exists, else None (built-in defaults)."""
-    candidate = os.path.abspath(os.path.join(cwd or os.getcwd(), DEFAULT_FILE_NAME))
-    # exists, not isfile: a config.yaml that is a folder should be reported, not skipped.
-    return candidate if os.path.exists(candidate) else None
+def default_config_path(cwd: str | None = None, env: Mapping[str, str] | None = None) -> str | None:
+    """The config file used without ``--config``: ``$PHOTOSCAND_CONFIG`` (even when it is
+    missing, so that the error says so), else ``./config.yaml``, else
+    /etc/photoscand/config.yaml, when they exist; None means the built-in defaults."""
+    named = (os.environ if env is None else env).get(CONFIG_VARIABLE)
+    if named:
+        return os.path.abspath(os.path.join(cwd or os.getcwd(), named))
+    here = os.path.abspath(os.path.join(cwd or os.getcwd(), DEFAULT_FILE_NAME))
+    for candidate in (here, SYSTEM_CONFIG):
+        # exists, not isfile: a config.yaml that is a folder should be reported, not skipped.
+        if os.path.exists(candidate):
+            return candidate
+    return None
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
@@ -748,23 +764,29 @@ def _env_values(env: Mapping[str, str], cwd: str, problems: list[str]) -> dict[s
         key = by_env.get(name)
         if key is not None:
             supplied[key.name] = (value, _Origin(f"env {name}", f"from {name}", True, cwd))
-            continue
-        # Only names under a config section are ours to reject: other PHOTOSCAND_* variables
-        # (a test corpus location, say) belong to other tools.
-        rest = name[len(ENV_PREFIX) :]
-        section = next((s for s in SECTIONS if rest.startswith(s.upper() + "_")), None)
-        if section is not None:
-            known = [key.env for key in KEYS.values() if key.section == section]
-            problems.append(
-                f"{name} (environment) is not a known setting{_suggest(name, known)};"
-                f" allowed: {', '.join(known)}"
-            )
+        elif name not in DOCUMENTED_VARIABLES:
+            problems.append(_unknown_variable(name, by_env))
     if "workers.count" not in supplied and WORKERS_COUNT_ALIAS in env:
         supplied["workers.count"] = (
             env[WORKERS_COUNT_ALIAS],
             _Origin(f"env {WORKERS_COUNT_ALIAS}", f"from {WORKERS_COUNT_ALIAS}", True, cwd),
         )
     return supplied
+
+
+def _unknown_variable(name: str, by_env: Mapping[str, Key]) -> str:
+    """The problem of a PHOTOSCAND_* variable that names no setting, with the nearest one."""
+    rest = name[len(ENV_PREFIX) :]
+    section = next((s for s in SECTIONS if rest.startswith(s.upper() + "_")), None)
+    if section is not None:
+        allowed = ", ".join(key.env for key in KEYS.values() if key.section == section)
+    else:
+        allowed = (
+            f"PHOTOSCAND_<SECTION>_<KEY> for a setting (`photoscand check-config` lists"
+            f" them), or {', '.join(sorted(DOCUMENTED_VARIABLES))}"
+        )
+    nearest = _suggest(name, [*by_env, *DOCUMENTED_VARIABLES])
+    return f"{name} (environment) is not a known setting{nearest}; allowed: {allowed}"
 
 
 def _flag_values(
@@ -801,16 +823,49 @@ def load_config(
 ) -> Config:
     """Merge defaults < file < environment < overrides, validate, and return the Config.
 
-    ``path`` None means ``./config.yaml`` if present, else no file. ``overrides`` maps a dotted
-    key to ``(value, flag name)``; a value of None means the flag was not given, a string is
-    parsed like an environment value. ``check_paths`` also checks the filesystem: watched
-    folders exist, the catalog is not on a network filesystem. Raises ConfigError.
+    ``path`` None means the file :func:`default_config_path` finds, if any. ``overrides``
+    maps a dotted key to ``(value, flag name)``; a value of None means the flag was not
+    given, a string is parsed like an environment value. ``check_paths`` also checks the
+    filesystem: watched folders exist, the catalog is not on a network filesystem. Raises
+    ConfigError.
     """
+    config, problems, _failed = _load(path, env, overrides, check_paths=check_paths, lenient=False)
+    if config is None:
+        raise ConfigError(problems)
+    return config
+
+
+def load_catalog_config(
+    path: str | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, tuple[object, str]] | None = None,
+) -> tuple[Config, list[str]]:
+    """The config for commands that need only where the catalog is (``status``, ``retry``):
+    a problem elsewhere in it is returned as a warning, and that setting keeps its default,
+    so that an edit the running daemon has not read yet does not hide its catalog. Raises
+    ConfigError when the file cannot be read or ``catalog.path`` itself is wrong."""
+    config, problems, failed = _load(path, env, overrides, check_paths=False, lenient=True)
+    if config is None or "catalog.path" in failed:
+        raise ConfigError([p for p in problems if p.startswith("catalog.path")] or problems)
+    return config, problems
+
+
+def _load(
+    path: str | None,
+    env: Mapping[str, str] | None,
+    overrides: Mapping[str, tuple[object, str]] | None,
+    *,
+    check_paths: bool,
+    lenient: bool,
+) -> tuple[Config | None, list[str], set[str]]:
+    """The config (None when it has problems and ``lenient`` is off), its problems, and the
+    keys whose supplied values were refused (with ``lenient``, they keep the value of the
+    layer below)."""
     cwd = os.getcwd()
     env = os.environ if env is None else env
-    file = default_config_path(cwd) if path is None else os.path.abspath(path)
+    file = default_config_path(cwd, env) if path is None else os.path.abspath(path)
     problems: list[str] = []
-
     layers: list[dict[str, _Supplied]] = [
         {key.name: (key.default, _Origin("default", "default", False, cwd)) for key in _KEY_LIST}
     ]
@@ -823,6 +878,7 @@ def load_config(
     # not go unnoticed just because today's environment happens to mask it.
     values: dict[str, object] = {}
     origins: dict[str, _Origin] = {}
+    failed: set[str] = set()
     for layer in layers:
         for name, (raw, origin) in layer.items():
             key = KEYS[name]
@@ -830,20 +886,22 @@ def load_config(
                 values[name] = key.parse(raw, origin)
             except _Invalid as error:
                 problems.append(_problem(key, raw, origin, error))
-                values.pop(name, None)
+                failed.add(name)
+                if not lenient:
+                    values.pop(name, None)
                 continue
             origins[name] = origin
 
-    if not problems:
+    if not problems and not lenient:
         problems.extend(_placement_problems(values, origins, check_paths=check_paths))
-    if problems:
-        raise ConfigError(problems)
-
+    if problems and not lenient:
+        return None, problems, failed
     sections = {
         section: cls(**{key.key: values[key.name] for key in _KEY_LIST if key.section == section})
         for section, cls in SECTIONS.items()
     }
-    return Config(**sections, file=file, sources={name: origins[name].source for name in KEYS})
+    sources = {name: origins[name].source for name in KEYS}
+    return Config(**sections, file=file, sources=sources), problems, failed
 
 
 def _placement_problems(

@@ -28,8 +28,9 @@ from typing import Any, TextIO
 from photoscand import config as config_module
 from photoscand import exitcodes
 from photoscand import log as log_module
+from photoscand.bursts import BurstSummary
 from photoscand.catalog import Catalog
-from photoscand.children import Child, Starter, start_fork_server
+from photoscand.children import Child, StartChild, Starter, start_fork_server
 from photoscand.clock import Clock, SystemClock
 from photoscand.commits import Committer
 from photoscand.config import Config, ConfigError
@@ -37,14 +38,14 @@ from photoscand.gauges import Gauges
 from photoscand.ingest import Ingest
 from photoscand.lock import CatalogLock
 from photoscand.log import display_path, get_logger
-from photoscand.metrics import Metrics, MetricsServer, write_textfile
+from photoscand.metrics import Metrics, serve_metrics, write_textfile
 from photoscand.prefetch import Prefetcher
 from photoscand.progress import progress_line
 from photoscand.roots import RootAvailability
 from photoscand.routing import Router
 from photoscand.scanner import Walker, WalkOutput, WalkSchedule
 from photoscand.signals import Signals
-from photoscand.supervisor import Supervisor
+from photoscand.supervisor import Supervisor, arriving_hold
 from photoscand.systemd import Notifier
 from photoscand.watcher import FsEvent, Watcher
 
@@ -145,23 +146,9 @@ class Daemon:
             clock=self.clock,
             deferred=prefetch,
         )
-        starter = Starter(start_child, self.signals.wake, "photoscand-start")
-        self.supervisor = Supervisor(
-            self.catalog,
-            starter,
-            config.workers,
-            config.thumbnail_settings(),
-            metrics=self.metrics,
-            clock=self.clock,
-            prefetcher=self.prefetcher,
-            read_metadata=lambda job, shared, done: self.ingest.parse_loaded(
-                job.id, job.path, shared, done
-            ),
-            # A one-shot scan ends instead of waiting for a folder to come back; there
-            # such images read as missing until a later walk finds them again.
-            unavailable_root=self.roots.holder_unavailable if self.mode == "run" else None,
-        )
+        self.supervisor = self._new_supervisor(config, start_child)
         self.committer = Committer(self.catalog, self.ingest, self.metrics)
+        self.burst = BurstSummary(self.log)
         self.walker = Walker(roots, config.catalog.path, self.walk_output, wake=self.signals.wake)
         interval = config.watch.rescan_interval_seconds if self.mode == "run" else 0.0
         self.walks = WalkSchedule(self.walker, interval)
@@ -180,9 +167,34 @@ class Daemon:
             self.notifier,
             self.clock,
         )
-        self.metrics_server = self._metrics_server()
+        self.metrics_server = serve_metrics(
+            self.metrics, config.metrics.listen, required=self.mode == "run"
+        )
         if self.metrics_server is not None:
             parts.callback(self.metrics_server.close)
+
+    def _new_supervisor(self, config: Config, start_child: StartChild) -> Supervisor:
+        starter = Starter(start_child, self.signals.wake, "photoscand-start")
+        return Supervisor(
+            self.catalog,
+            starter,
+            config.workers,
+            config.thumbnail_settings(),
+            metrics=self.metrics,
+            clock=self.clock,
+            prefetcher=self.prefetcher,
+            read_metadata=lambda job, shared, done: self.ingest.parse_loaded(
+                job.id, job.path, shared, done
+            ),
+            # A one-shot scan ends instead of waiting for a folder to come back; there
+            # such images read as missing until a later walk finds them again.
+            unavailable_root=self.roots.holder_unavailable if self.mode == "run" else None,
+            arriving_hold=self._arriving_hold(config),
+        )
+
+    def _arriving_hold(self, config: Config) -> float | None:
+        # A one-off scan runs on a tree that is complete: it fails a truncated file at once.
+        return arriving_hold(config.watch.settle_seconds) if self.mode == "run" else None
 
     def _new_watcher(self, config: Config) -> Watcher:
         return Watcher(
@@ -192,21 +204,6 @@ class Daemon:
             wake=self.signals.wake,
             polling_interval=max(1.0, min(config.watch.settle_seconds, 10.0)),
         )
-
-    def _metrics_server(self) -> MetricsServer | None:
-        listen = config_module.parse_listen(self.config.metrics.listen)
-        if listen is None:
-            return None
-        try:
-            server = MetricsServer(self.metrics, *listen)
-        except OSError as exc:
-            message = f"metrics endpoint {self.config.metrics.listen} unavailable: {exc.strerror}"
-            if self.mode == "scan":
-                self.log.warning(message)
-                return None
-            raise ConfigError(f"metrics.listen: {message}") from exc
-        self.log.info("metrics endpoint listening", address=self.config.metrics.listen)
-        return server
 
     # -- start and stop --------------------------------------------------------------------
 
@@ -309,12 +306,15 @@ class Daemon:
                     supervisor.wake()
             ingest.tick(now)
             supervisor.tick(now)
-            if ingest.take_rows_written():
+            rows = ingest.take_rows_written()
+            if rows:
                 supervisor.wake()
             if not self.signals.stop_requests:
                 supervisor.dispatch(now)
             if self.committer.maybe_commit(now, quiet=self._quiet()):
                 supervisor.wake()
+            converted, failed = supervisor.take_outcomes()
+            self.burst.add(now, cataloged=rows, converted=converted, failed=failed)
             self._housekeeping(now)
             if self.on_turn is not None:
                 self.on_turn(self)
@@ -322,6 +322,15 @@ class Daemon:
                 code = self._scan_finished(now)
                 if code is not None:
                     return code
+
+    def _drained(self) -> bool:
+        """Nothing queued, settling, parsing, converting or left to claim, all committed."""
+        return (
+            not self._has_queued_input()
+            and self.ingest.idle
+            and self.supervisor.idle()
+            and not self.catalog.in_transaction
+        )
 
     def _has_queued_input(self) -> bool:
         return not self.events.empty() or not self.walk_output.empty()
@@ -352,6 +361,8 @@ class Daemon:
 
     def _housekeeping(self, now: float) -> None:
         self.gauges.refresh(now)
+        if self.burst.active and self._drained():
+            self.burst.drained(now)
         if not self.signals.stop_requests:
             check = self.watcher.check(now) if self.watcher is not None else None
             if check is not None and self.router.watcher_checked(check):
@@ -389,11 +400,8 @@ class Daemon:
                 " check workers.memory_limit_mb and the installation)"
             )
             return exitcodes.USAGE
-        if self.walks.pending or not self.walks.walked_once or self._has_queued_input():
-            return None
-        if not self.ingest.idle or self.catalog.in_transaction or self.catalog.stalled:
-            return None
-        if supervisor.busy() or not supervisor.all_ready() or supervisor.has_work_hint():
+        waiting = self.walks.pending or not self.walks.walked_once or self.catalog.stalled
+        if waiting or not self._drained() or not supervisor.all_ready():
             return None
         under = self.catalog.counts_under(self.roots.roots)
         if under["pending"] or under["converting"]:
@@ -429,7 +437,7 @@ class Daemon:
         if needs_restart:
             self.log.warning("these settings apply after a restart", keys=needs_restart)
         log_module.configure(new.logging.level, new.logging.format)
-        self.supervisor.reconfigure(new.workers, new.thumbnail_settings())
+        self.supervisor.reconfigure(new.workers, new.thumbnail_settings(), self._arriving_hold(new))
         self.ingest.reconfigure(new.watch)
         if new.watch.paths != old.watch.paths:
             self._change_roots(new)

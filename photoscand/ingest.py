@@ -435,6 +435,9 @@ class Ingest:
             self._last_answer = self.clock.monotonic()
             self._child_failures = 0
             self.metrics.metadata_duration.observe(answer.seconds)
+            if answer.output:
+                path = display_path(candidate.path)
+                self.log.info("decoder output", path=path, output=answer.output)
             self._unlist(candidate)
             with one_file(self.log, candidate.path, "cataloging"):
                 self._answer(candidate, answer.outcome)
@@ -522,7 +525,9 @@ class Ingest:
         self.catalog.add_image(st, metadata, self.clock.wall(), known=known)
         self._row_written(candidate, "changed" if known else "new")
         if metadata.metadata_error:
-            self.log.warning(
+            # A truncated file may still be arriving: phase 2 decides whether that fails it.
+            arriving = outcomes.split_error(metadata.metadata_error)[0] == outcomes.TRUNCATED
+            (self.log.debug if arriving else self.log.warning)(
                 "metadata unreadable", path=display_path(st.path), problem=metadata.metadata_error
             )
 

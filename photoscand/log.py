@@ -133,5 +133,10 @@ def one_file(log: Any, path: bytes, what: str) -> Iterator[None]:
 
 
 def get_logger(name: str = "photoscand") -> Any:
-    """A structlog logger bound to a component name."""
-    return structlog.get_logger(name).bind(component=name)
+    """A structlog logger bound to a component name.
+
+    Lazy: it reads the configuration at each call, so that a reload's new level and format
+    apply to the loggers the daemon's parts made at start-up (a ``.bind()`` here would fix
+    them at the configuration of that moment).
+    """
+    return structlog.get_logger(name, component=name)

@@ -29,6 +29,8 @@ from prometheus_client import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from photoscand import __version__
+from photoscand.config import ConfigError, parse_listen
+from photoscand.log import get_logger
 from photoscand.outcomes import DISK_FULL, REASONS, STATUSES, VANISHED
 
 DISCOVERY_SOURCES = ("event", "walk")
@@ -346,6 +348,25 @@ def write_textfile(metrics: Metrics, path: str) -> None:
     with open(temp, "wb") as fh:
         fh.write(generate_latest(metrics.registry))
     os.replace(temp, path)
+
+
+def serve_metrics(metrics: Metrics, listen: str, *, required: bool) -> MetricsServer | None:
+    """The endpoint on ``listen`` (None when it is empty). A port that cannot be had is a
+    configuration error when ``required`` (``run``), and a warning otherwise (``scan``)."""
+    address = parse_listen(listen)
+    if address is None:
+        return None
+    log = get_logger("metrics")
+    try:
+        server = MetricsServer(metrics, *address)
+    except OSError as exc:
+        message = f"metrics endpoint {listen} unavailable: {exc.strerror}"
+        if required:
+            raise ConfigError(f"metrics.listen: {message}") from exc
+        log.warning(message)
+        return None
+    log.info("metrics endpoint listening", address=listen)
+    return server
 
 
 class MetricsServer:

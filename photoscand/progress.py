@@ -6,13 +6,18 @@ from collections.abc import Mapping
 
 
 def progress_line(counts: Mapping[str, int]) -> str:
-    """ "Phase 1: 1000 images found. Phase 2: converting 150/1000, 3 failed"."""
+    """ "Phase 1: 1000 images found. Phase 2: 840/996 converted, 3 failed, 4 missing, 2
+    converting now": what is true at the moment, counted against the images present (the
+    missing are not)."""
     found = sum(counts.values())
-    present = found - counts.get("missing", 0)
-    line = (
-        f"Phase 1: {found} images found. Phase 2: converting {counts.get('done', 0)}/{present},"
-        f" {counts.get('failed', 0)} failed"
-    )
-    if counts.get("missing"):
-        line += f", {counts['missing']} missing"
-    return line
+    missing = counts.get("missing", 0)
+    present = found - missing
+    if present == 0:
+        phase2 = "nothing to convert"
+    else:
+        phase2 = f"{counts.get('done', 0)}/{present} converted, {counts.get('failed', 0)} failed"
+    if missing:
+        phase2 += f", {missing} missing"
+    if counts.get("converting"):
+        phase2 += f", {counts['converting']} converting now"
+    return f"Phase 1: {found} images found. Phase 2: {phase2}"

@@ -160,6 +160,7 @@ class MetadataAnswer:
     seq: int
     outcome: Parsed | NotAPhoto | Unreadable
     seconds: float
+    output: str = ""  # what C libraries printed while parsing (see worker.OutputCatcher)
 
 
 # -- phase 2: the conversion workers ------------------------------------------------------
@@ -198,6 +199,7 @@ class Converted:
     thumbnails: tuple[ThumbnailFile, ...]
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    output: str = ""  # what C libraries printed while converting
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +210,7 @@ class ConversionFailed:
     reason: str
     message: str
     seconds: float
+    output: str = ""  # what C libraries printed while converting
 
 
 ConversionResult = Converted | ConversionFailed

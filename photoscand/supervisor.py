@@ -27,6 +27,7 @@ SIGHUP         :meth:`resize` to the new workers.count; new settings apply
 from __future__ import annotations
 
 import functools
+import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,16 @@ EARLY_DEATHS_UNHEALTHY = 5
 ReadMetadata = Callable[[Job, SharedBytes | None, Callable[[], None] | None], None]
 
 
+# A truncated file is presumed still being written until it has held still this long (or
+# ten times watch.settle_seconds, when that is longer).
+ARRIVING_MIN_SECONDS = 30.0
+
+
+def arriving_hold(settle_seconds: float) -> float:
+    """How long a truncated file must hold still before it fails as truncated."""
+    return max(ARRIVING_MIN_SECONDS, 10 * settle_seconds)
+
+
 @dataclass(slots=True)
 class _Slot:
     index: int
@@ -105,6 +116,9 @@ class Supervisor:
         read_metadata: prefetch mode: reads a row's deferred metadata from those bytes.
         unavailable_root: given an image's path, its watched root when that root is
             unavailable (missing, unreadable or emptied); None in ``scan``.
+        arriving_hold: how long a truncated file must have held still before it fails (it
+            is presumed still being written until then); None in ``scan``, which fails it
+            at once.
     """
 
     def __init__(
@@ -119,6 +133,7 @@ class Supervisor:
         prefetcher: Prefetcher | None = None,
         read_metadata: ReadMetadata | None = None,
         unavailable_root: Callable[[bytes], bytes | None] | None = None,
+        arriving_hold: float | None = None,
     ) -> None:
         self.catalog = catalog
         self.starter = starter
@@ -132,6 +147,7 @@ class Supervisor:
         self.prefetcher = prefetcher
         self.read_metadata = read_metadata
         self.unavailable_root = unavailable_root
+        self.arriving_hold = arriving_hold
         self.log = get_logger("supervisor")
         self._slots: list[_Slot] = [_Slot(i) for i in range(workers.count)]
         # Killed workers whose exit the fork server has not reported yet (reaped later, so
@@ -144,6 +160,7 @@ class Supervisor:
         self._work_maybe_pending = True
         self._next_retry_at: float | None = None  # wall time of the earliest back-off's end
         self.stopping = False
+        self._done_count = self._failed_count = 0  # since the loop last asked
         self.disk_full_since: float | None = None
         self._disk_probe_at = 0.0
 
@@ -218,13 +235,16 @@ class Supervisor:
     def count(self) -> int:
         return len(self._slots)
 
-    def reconfigure(self, workers: WorkersConfig, settings: ThumbnailSettings) -> None:
+    def reconfigure(
+        self, workers: WorkersConfig, settings: ThumbnailSettings, arriving_hold: float | None
+    ) -> None:
         """Apply a reloaded config: limits at once, new settings for new workers, and a new
         pool size. Idle workers are replaced at once so new sizes apply to the next images;
         busy ones finish their image first."""
         self.timeout = workers.timeout_seconds
         self.max_attempts = workers.max_attempts
         self.backoff = workers.retry_backoff_seconds
+        self.arriving_hold = arriving_hold
         count = workers.count
         changed = settings != self.settings
         self.settings = settings
@@ -278,6 +298,16 @@ class Supervisor:
     def wake(self) -> None:
         """New pending rows may exist (a row was added, released or retried)."""
         self._work_maybe_pending = True
+
+    def take_outcomes(self) -> tuple[int, int]:
+        """Images converted and failed for good since the last call."""
+        outcomes_ = (self._done_count, self._failed_count)
+        self._done_count = self._failed_count = 0
+        return outcomes_
+
+    def idle(self) -> bool:
+        """Nothing in hand and nothing known to claim."""
+        return not (self.busy() or self._awaiting_metadata or self._work_maybe_pending)
 
     def has_work_hint(self) -> bool:
         """Pending rows may exist that were not looked for yet."""
@@ -343,6 +373,10 @@ class Supervisor:
         )
         self.metrics.worker_busy_seconds.inc(now - slot.job_started)
         self.metrics.conversion_duration.observe(result.seconds)
+        if result.output:
+            self.log.info(
+                "decoder output", path=display_path(job.path), id=job.id, output=result.output
+            )
         if isinstance(result, Converted):
             self._converted(job, result, now)
         else:
@@ -357,6 +391,7 @@ class Supervisor:
         self.metrics.observe_stages(result.timings)
         self.catalog.record_done(job.id, result.content_hash, result.thumbnails, self.clock.wall())
         self.metrics.conversions.labels("done").inc()
+        self._done_count += 1
         self.log.debug(
             "converted", path=display_path(job.path), id=job.id, seconds=round(result.seconds, 3)
         )
@@ -368,6 +403,8 @@ class Supervisor:
             self._disk_full(job, message, now)
             return
         if reason == outcomes.VANISHED and self._postponed(job):
+            return
+        if reason == outcomes.TRUNCATED and self._still_arriving(job):
             return
         self.metrics.conversion_failures.labels(reason).inc()
         if reason == outcomes.VANISHED:
@@ -388,6 +425,7 @@ class Supervisor:
         fields = {"path": display_path(job.path), "id": job.id, "reason": reason}
         if not transient or attempts >= self.max_attempts:
             self.metrics.conversions.labels("failed").inc()
+            self._failed_count += 1
             self.log.warning("conversion failed", **fields, message=message, attempts=attempts)
             return
         self.metrics.conversions.labels("retried").inc()
@@ -413,6 +451,25 @@ class Supervisor:
             )
         self._disk_probe_at = now + DISK_FULL_PROBE_SECONDS
         self.wake()
+
+    def _still_arriving(self, job: Job) -> bool:
+        """A truncated file that has not held still for ``arriving_hold`` seconds is presumed
+        still being written (a slow card, a share that pauses): no attempt, no warning; it
+        waits until it has held still that long, or is read again when it changes."""
+        if self.arriving_hold is None:
+            return False
+        try:
+            mtime = os.lstat(job.path).st_mtime
+        except OSError:
+            return False
+        ready_at = mtime + self.arriving_hold
+        if self.clock.wall() >= ready_at:
+            return False
+        self.catalog.postpone(job.id, ready_at)
+        self.metrics.conversions.labels("released").inc()
+        self.log.debug("truncated, presumed still arriving", path=display_path(job.path))
+        self.wake()
+        return True
 
     def _postponed(self, job: Job) -> bool:
         """A vanished file whose whole watched folder is gone (an unmounted disk) is not a

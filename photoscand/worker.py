@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import mmap
 import os
@@ -69,6 +70,38 @@ def _set_process_name(name: bytes) -> None:
     """Name the process for ps/top/pgrep (``photoscand-work``, ``photoscand-meta``)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(_PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+
+
+class OutputCatcher:
+    """What this process writes to its stdout and stderr, caught per request.
+
+    Decoders' C libraries (LibRaw, libheif, libtiff) print warnings straight to file
+    descriptors 1 and 2, which the children share with the daemon: in the daemon's JSON log
+    such a line would break every reader. Both descriptors point instead at one memory file;
+    after each request its text is taken and sent along with the answer, and the daemon logs
+    it as an event on the image it came from.
+    """
+
+    LIMIT = 4000  # characters kept of one request's output
+
+    def __init__(self) -> None:
+        self._fd = os.memfd_create("photoscand-output", os.MFD_CLOEXEC)
+        for target in (1, 2):
+            os.dup2(self._fd, target)
+
+    def take(self) -> str:
+        """The text written since the last call (the memory file starts over)."""
+        with contextlib.suppress(ValueError, OSError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        size = os.lseek(self._fd, 0, os.SEEK_END)
+        if size == 0:
+            return ""
+        data = os.pread(self._fd, min(size, 4 * self.LIMIT), 0)
+        # 1 and 2 share the memory file's offset with this descriptor: both start over too.
+        os.ftruncate(self._fd, 0)
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        return data.decode("utf-8", "replace").strip()[: self.LIMIT]
 
 
 def _child_setup(name: bytes, nice: int = 0) -> None:
@@ -145,6 +178,7 @@ def metadata_main(conn: Connection) -> None:
     from photoscand.metadata import read_metadata
 
     mappings: dict[str, mmap.mmap] = {}
+    output = OutputCatcher()
     while True:
         try:
             request: MetadataRequest | None = conn.recv()
@@ -164,7 +198,8 @@ def metadata_main(conn: Connection) -> None:
                     view.release()
                 forget_mapping(request.shared, mappings)
             outcome = NotAPhoto("not a photo") if metadata is None else Parsed(None, metadata)
-        conn.send(MetadataAnswer(request.seq, outcome, time.perf_counter() - started))
+        seconds = time.perf_counter() - started
+        conn.send(MetadataAnswer(request.seq, outcome, seconds, output.take()))
 
 
 def _parse_file(
@@ -241,6 +276,7 @@ def conversion_main(conn: Connection, settings: ThumbnailSettings) -> None:
     _child_setup(b"photoscand-work", nice=settings.nice)
     _keep_freed_memory()
     _limit_memory(settings.memory_limit_mb)
+    output = OutputCatcher()
     conn.send(WorkerReady(os.getpid()))
     mappings: dict[str, mmap.mmap] = {}
     while True:
@@ -250,7 +286,8 @@ def conversion_main(conn: Connection, settings: ThumbnailSettings) -> None:
             return
         if job is STOP:
             return
-        conn.send(convert_job(job, settings, mappings))
+        result = convert_job(job, settings, mappings)
+        conn.send(dataclasses.replace(result, output=output.take()))
 
 
 def sweep_main(conn: Connection, out_dir: str) -> None:

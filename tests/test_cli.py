@@ -59,7 +59,7 @@ def test_scan_converts_and_exits_with_the_outcome(daemon_factory) -> None:
     # status: the progress line's words, and the same truth as JSON.
     status = photoscand("status", "--config", str(daemon.config_path), cwd=daemon.root)
     assert status.returncode == 0
-    assert "Phase 1: 2 images found. Phase 2: converting 1/2, 1 failed" in status.stdout
+    assert "Phase 1: 2 images found. Phase 2: 1/2 converted, 1 failed" in status.stdout
     assert "[truncated]" in status.stdout and "broken.jpg" in status.stdout
     data = json.loads(
         photoscand("status", "--json", "--config", str(daemon.config_path), cwd=daemon.root).stdout

@@ -77,7 +77,7 @@ BAD_EXPECTED = {
     "bad/libvips_truncated.gif": outcomes.TRUNCATED,
     "bad/pillow_truncated_jpeg.jpg": outcomes.TRUNCATED,
     "bad/pillow_truncated_image.png": outcomes.TRUNCATED,
-    "bad/derived_zero_bytes.jpg": outcomes.CORRUPT,
+    "bad/derived_zero_bytes.jpg": outcomes.TRUNCATED,
     "bad/exiv2_issue_2160_poc.jpg": outcomes.UNSUPPORTED,  # JPEG 2000 named .jpg
     "bad/exiv2_issue_ghsa_hrw9_ggg3_3r4r_poc.jpg": outcomes.UNSUPPORTED,  # MP4 named .jpg
     "bad/filetype_fixture.nef": outcomes.UNSUPPORTED,

@@ -1,7 +1,7 @@
-"""photoscand tried the way a new user tries it (issue 15): a phone folder copied in slowly or
+"""photoscand tried the way a new user tries it: a phone folder copied in slowly or
 all at once, `status` from another folder, options in any order, typos in the environment,
 a service installed by the operations guide, `make run` on a fresh clone. One test (or a few)
-per point of the issue; each is marked xfail(strict) until its point is fixed.
+per point of what a new user stumbled on.
 
 Every command runs as a subprocess in an isolated environment: HOME and the current folder
 are temporary folders, and no PHOTOSCAND_* variable of the caller leaks in. Nothing here
@@ -10,6 +10,7 @@ writes outside tmp_path (in particular not /etc/photoscand or /proc/sys).
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -26,8 +27,7 @@ import yaml
 
 from photoscand.outcomes import REASONS
 from tests.conftest import CORPUS, REPO, DaemonProcess, wait_for
-from tests.reliability import LARGE_PHOTO, SMALL_PHOTO, catalog_matches_tree, distinct_copies
-from tests.scrape import free_port, try_scrape, value
+from tests.reliability import LARGE_PHOTO, SMALL_PHOTO, distinct_copies
 
 GOOD = CORPUS / "cameras" / "Canon_40D.jpg"
 # Fails as corrupt from its header on (a GIF whose screen is 0 pixels wide): nothing about it
@@ -149,10 +149,6 @@ def write_config(path: Path, catalog: Path, photos: Path, **sections: dict[str, 
 # -- 1. false failures during slow copies -------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 1: a file truncated while its writer pauses is marked failed",
-)
 def test_a_writer_that_pauses_longer_than_settle_seconds_keeps_its_file_pending(
     daemon_factory,
 ) -> None:
@@ -177,10 +173,6 @@ def test_a_writer_that_pauses_longer_than_settle_seconds_keeps_its_file_pending(
     assert problems_for(daemon, "IMG_0001.JPG") == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 1: a writer that reopens and appends gets a warning per append",
-)
 def test_a_writer_that_reopens_and_appends_logs_no_warning_per_append(daemon_factory) -> None:
     """A network share that writes a file in pieces, closing it after each: every close is a
     'complete' file to the watcher, every piece but the last a truncated photo. None of them
@@ -209,10 +201,6 @@ def test_a_writer_that_reopens_and_appends_logs_no_warning_per_append(daemon_fac
 # -- 2. decoder messages break the JSON log ---------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 2: LibRaw's message lands between the JSON lines as plain text",
-)
 def test_every_line_of_the_json_log_is_json_and_a_decoder_message_is_an_event(
     daemon_factory,
 ) -> None:
@@ -238,10 +226,6 @@ def test_every_line_of_the_json_log_is_json_and_a_decoder_message_is_an_event(
 # -- 3. reload does not apply logging ---------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 3: SIGHUP with logging.level debug logs no debug line afterwards",
-)
 def test_sighup_applies_logging_level_and_format_at_once(daemon_factory) -> None:
     daemon = daemon_factory({"logging": {"level": "info", "format": "json"},
                              "workers": {"count": 1}})  # fmt: skip
@@ -283,10 +267,6 @@ def test_sighup_applies_logging_level_and_format_at_once(daemon_factory) -> None
 # -- 4. `status` depends on where you stand -----------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 4: status ignores PHOTOSCAND_CONFIG and looks for ./var elsewhere",
-)
 def test_status_finds_the_config_by_flag_then_photoscand_config_then_cwd(tmp_path: Path) -> None:
     env = clean_env(tmp_path / "home")
     work = tmp_path / "work"
@@ -320,10 +300,6 @@ def test_status_finds_the_config_by_flag_then_photoscand_config_then_cwd(tmp_pat
     assert str(in_cwd) in both(done), f"status does not say which config it used:\n{both(done)}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 4: an invalid key elsewhere in the file makes status/retry refuse",
-)
 def test_status_and_retry_need_only_the_catalog_location(daemon_factory, tmp_path: Path) -> None:
     env = clean_env(tmp_path / "home")
     daemon = daemon_factory()
@@ -349,10 +325,6 @@ def test_status_and_retry_need_only_the_catalog_location(daemon_factory, tmp_pat
     assert check.returncode == 2 and "workers.count" in check.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 4: status before the first run is an error (exit 2)",
-)
 def test_status_before_the_first_run_shows_zero_counts_and_exits_0(tmp_path: Path) -> None:
     env = clean_env(tmp_path / "home")
     catalog = tmp_path / "state" / "photoscand.db"
@@ -365,10 +337,6 @@ def test_status_before_the_first_run_shows_zero_counts_and_exits_0(tmp_path: Pat
     assert not catalog.exists(), "status created the catalog"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 4: deploy/systemd does not set PHOTOSCAND_CONFIG",
-)
 def test_the_service_sets_photoscand_config() -> None:
     """What the unit and its environment file give the daemon: PHOTOSCAND_CONFIG naming the
     service's config (the one an operator's `photoscand status` falls back to)."""
@@ -385,10 +353,6 @@ def test_the_service_sets_photoscand_config() -> None:
 # -- 5. options before the command ------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 5: --log-level before the command is 'invalid choice: debug'",
-)
 def test_common_options_work_before_and_after_the_command(tmp_path: Path) -> None:
     env = clean_env(tmp_path / "home")
     config = write_config(tmp_path / "config.yaml", tmp_path / "var" / "p.db", tmp_path / "ph")
@@ -406,10 +370,6 @@ def test_common_options_work_before_and_after_the_command(tmp_path: Path) -> Non
 # -- 6. typos that pass in silence --------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 6: PHOTOSCAND_WORKER_COUNT (a typo) is silently ignored",
-)
 def test_an_unknown_photoscand_variable_is_an_error_naming_the_nearest_key(
     tmp_path: Path,
 ) -> None:
@@ -428,10 +388,6 @@ def test_an_unknown_photoscand_variable_is_an_error_naming_the_nearest_key(
     assert done.returncode == 0, both(done)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 6: retry of a path with no image says 0 queued and exits 0",
-)
 def test_retry_of_a_path_with_no_image_names_it_and_exits_nonzero(
     daemon_factory, tmp_path: Path
 ) -> None:
@@ -452,10 +408,6 @@ def test_retry_of_a_path_with_no_image_names_it_and_exits_nonzero(
 # -- 7. `status` wording ------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 7: status says 'converting 1/2' with nothing converting",
-)
 def test_status_says_converted_of_present_converting_failed_and_missing(
     daemon_factory, tmp_path: Path
 ) -> None:
@@ -485,10 +437,6 @@ def test_status_says_converted_of_present_converting_failed_and_missing(
     assert re.search(r"\b1 missing\b", out), out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 7: an empty catalog shows 100.0% converted",
-)
 def test_status_of_an_empty_catalog_shows_no_percentage(daemon_factory, tmp_path: Path) -> None:
     env = clean_env(tmp_path / "home")
     daemon = daemon_factory()
@@ -502,10 +450,6 @@ def test_status_of_an_empty_catalog_shows_no_percentage(daemon_factory, tmp_path
 # -- 8. one reason per outcome ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 8: an empty file is 'truncated' in phase 1 and 'corrupt' in phase 2",
-)
 def test_an_empty_file_gets_the_same_reason_word_everywhere(daemon_factory, tmp_path: Path) -> None:
     """Phase 1's problem, phase 2's failure, the log and `status` name one reason. The file's
     mtime is an hour old, so that also after point 1 (a truncated file is presumed still
@@ -554,10 +498,6 @@ def _figure(event: dict[str, Any], stem: str) -> int | None:
     return None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 9: at the default level a successful batch prints nothing",
-)
 def test_one_info_line_when_a_burst_of_work_drains(daemon_factory, tmp_path: Path) -> None:
     daemon = daemon_factory({"logging": {"level": "info"}})
     daemon.start().wait_ready()
@@ -607,10 +547,6 @@ def install_section() -> str:
     return text[start : text.index("### Adapting the unit", start)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 10: the guide makes the venv with whatever python3 is first on PATH",
-)
 def test_the_service_guide_makes_the_venv_with_the_system_python_and_says_why() -> None:
     section = install_section()
     venvs = re.findall(r"^\s*(\S+) -m venv /opt/photoscand\b", section, re.MULTILINE)
@@ -620,10 +556,6 @@ def test_the_service_guide_makes_the_venv_with_the_system_python_and_says_why() 
     assert re.search(r"ProtectHome|/home|/root|pyenv", section), "the guide does not say why"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 10: the guide never creates the watched folder",
-)
 def test_the_service_guide_creates_the_watched_folder() -> None:
     section = install_section()
     roots = yaml.safe_load((DEPLOY / "config.yaml").read_text())["watch"]["paths"]
@@ -633,10 +565,6 @@ def test_the_service_guide_creates_the_watched_folder() -> None:
         assert made, f"the guide does not create the watched folder {root}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 10: sysusers comment says /usr/lib/sysusers.d, the guide /etc",
-)
 def test_the_sysusers_comment_and_the_install_step_name_the_same_path() -> None:
     sysusers = DEPLOY / "sysusers.d" / "photoscand.conf"
     comments = "\n".join(
@@ -662,10 +590,6 @@ sys.exit(main(sys.argv[4:]))
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 10: check-config says nothing of a Python the unit hides",
-)
 def test_check_config_warns_when_the_interpreter_lives_where_the_unit_hides_it(
     tmp_path: Path,
 ) -> None:
@@ -711,10 +635,6 @@ def make_dry_run(*args: str) -> list[str]:
 DEV_ONLY = ("[test", "test]", ",test", "bench", "pytest", "ruff", "pyvips", "fusepy", "atheris")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 11: make run installs the test and benchmark extras",
-)
 def test_make_run_installs_only_the_runtime_dependencies() -> None:
     run = [line for line in make_dry_run("run") if re.search(r"\binstall\b", line)]
     assert any("pip" in line or "uv" in line for line in run), "make run installs nothing"
@@ -724,10 +644,6 @@ def test_make_run_installs_only_the_runtime_dependencies() -> None:
     assert any("test" in line or "pytest" in line for line in test), test
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 11: make run cannot be pointed at another config",
-)
 def test_make_run_takes_another_config(tmp_path: Path) -> None:
     other = tmp_path / "other.yaml"
     lines = make_dry_run("run", f"CONFIG={other}")
@@ -736,10 +652,6 @@ def test_make_run_takes_another_config(tmp_path: Path) -> None:
     assert any(str(other) in line or f"'{other}'" in line for line in runs), runs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 11: setuptools warns that project.license as a table is deprecated",
-)
 def test_building_the_package_prints_no_license_deprecation(tmp_path: Path) -> None:
     """The metadata build pip does on `make run` (an isolated, current setuptools), on a copy
     of the project's metadata (nothing is written into the checkout)."""
@@ -762,43 +674,46 @@ def test_building_the_package_prints_no_license_deprecation(tmp_path: Path) -> N
 # -- 12. a test that changes the machine -------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 point 12: no event queue of photoscand's own small enough to overflow",
-)
-def test_a_storm_overflows_a_tiny_event_queue_of_photoscands_own(
-    daemon_factory, monkeypatch
-) -> None:
-    """The overflow of the default storm test, made without touching /proc/sys: the daemon's
-    own event queue is shrunk, so a burst of a few hundred new files must lose events; the
-    daemon says so, walks, and the catalog equals the tree.
+def _tests_writing_sysctls() -> list[str]:
+    """Test functions that call tests.reliability.sysctl (which writes /proc/sys) without
+    the slow marker."""
+    found = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if not isinstance(node, ast.FunctionDef) or not node.name.startswith("test_"):
+                continue
+            slow = any("slow" in ast.unparse(d) for d in node.decorator_list)
+            calls = _called_names(node, tree)
+            if "sysctl" in calls and not slow:
+                found.append(f"{path.name}::{node.name}")
+    return found
 
-    The queue is shrunk through PHOTOSCAND_TESTING_EVENT_QUEUE_SIZE, a knob for tests only
-    (its own prefix, listed with the other documented variables by point 6): a config key
-    would make a test device an operator setting, and patching photoscand.daemon's constant
-    from a launcher would pass today already (the constant exists) without making the
-    overflow the daemon's own, deterministic behaviour. Today the variable is ignored, the
-    queue holds 10,000 events and nothing is lost."""
-    monkeypatch.setenv("PHOTOSCAND_TESTING_EVENT_QUEUE_SIZE", "16")
-    port = free_port()
-    # Events lost after an overflow walk has started are caught by the next periodic walk.
-    daemon = daemon_factory({"watch": {"rescan_interval_seconds": 2},
-                             "metrics": {"listen": f"127.0.0.1:{port}"},
-                             "workers": {"count": 1}})  # fmt: skip
-    daemon.start().wait_ready()
-    data = SMALL_PHOTO.read_bytes()
-    for i in range(400):
-        if i % 50 == 0:
-            folder = daemon.photos / f"burst{i // 50}"
-            folder.mkdir()
-        (folder / f"b{i:04d}.jpg").write_bytes(data + b"storm-%08d" % i)
-    wait_for(lambda: catalog_matches_tree(daemon) == (set(), set()), timeout=60,
-             interval=0.25, message="catalog equal to the tree")  # fmt: skip
-    body = try_scrape(port)
-    assert body is not None
-    lost = value(body, "photoscand_watch_events_dropped_total") + value(
-        body, "photoscand_watch_overflows_total"
-    )
-    assert lost > 0, "the tiny event queue did not overflow"
-    assert "filesystem events were lost" in daemon.log_text()
-    assert daemon.stop() == 0
+
+def _called_names(function, tree) -> set[str]:
+    """Names the function calls, and those called by module functions it calls (one level:
+    a test that calls a helper that changes the machine changes it too)."""
+    helpers = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+    def direct(node) -> set[str]:
+        return {c.func.id for c in ast.walk(node) if isinstance(c, ast.Call)
+                and isinstance(c.func, ast.Name)}  # fmt: skip
+
+    names = direct(function)
+    for name in list(names):
+        if name in helpers and name != function.name:
+            names |= direct(helpers[name])
+    # Arguments that name a helper (start=..., make_storm=...) are called by the callee.
+    names |= {n.id for n in ast.walk(function) if isinstance(n, ast.Name) and n.id in helpers}
+    for name in list(names):
+        if name in helpers and name != function.name:
+            names |= direct(helpers[name])
+    return names
+
+
+def test_the_default_suite_changes_no_machine_wide_setting() -> None:
+    """The overflow of the default storm test comes from a daemon stopped while the events
+    pile up (tests/test_reliability_storms.py), not from lowering the machine's
+    fs.inotify.max_queued_events; the machine-level variant is slow, root only, and
+    restores the setting."""
+    assert _tests_writing_sysctls() == []

@@ -1,4 +1,4 @@
-"""The long run (slow; ``PHOTOSCAND_SOAK_SECONDS``, 600 by default): photos arrive all the
+"""The long run (slow; ``PSCD_TEST_SOAK_SECONDS``, 600 by default): photos arrive all the
 time (and some are deleted or replaced) while the memory of the daemon and of its children,
 their open file descriptors, their threads and the catalog's write-ahead log are sampled.
 After a warm-up they must stay flat, and phase 2 must keep up with the arrivals."""
@@ -18,7 +18,7 @@ import pytest
 from tests.conftest import CORPUS, descendants, process_name, wait_for
 from tests.reliability import start_and_walk
 
-SOAK_SECONDS = float(os.environ.get("PHOTOSCAND_SOAK_SECONDS", "600"))
+SOAK_SECONDS = float(os.environ.get("PSCD_TEST_SOAK_SECONDS", "600"))
 ARRIVALS_PER_SECOND = 6
 SAMPLE_EVERY = 5.0
 SOURCES = sorted((CORPUS / "cameras").glob("*.jpg")) + sorted((CORPUS / "png").glob("*.png"))

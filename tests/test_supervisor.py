@@ -24,6 +24,7 @@ from tests.conftest import (
     scrape,
     wait_for,
 )
+from tests.reliability import log_events
 
 SAMPLES = sorted((CORPUS / "cameras").glob("*.jpg"))
 
@@ -245,5 +246,5 @@ def test_sigterm_mid_batch_then_restart_converts_every_image_exactly_once(
     rows = daemon.query("SELECT status, attempts FROM images")
     assert len(rows) == 120 and all(r == ("done", 0) for r in rows)
     # Each image was converted once over both runs (the log has one line per conversion).
-    converted = [line for line in daemon.log_text().splitlines() if '"converted"' in line]
+    converted = [e for e in log_events(daemon) if e.get("event") == "converted"]
     assert len(converted) == 120

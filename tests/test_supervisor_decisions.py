@@ -50,7 +50,9 @@ def settings(tmp_path: Path, **changes: object) -> ThumbnailSettings:
 class Pool:
     """A supervisor over fake workers, and the means to drive it."""
 
-    def __init__(self, tmp_path: Path, workers: WorkersConfig = WORKERS) -> None:
+    def __init__(
+        self, tmp_path: Path, workers: WorkersConfig = WORKERS, arriving_hold: float | None = None
+    ) -> None:
         self.clock = FakeClock()
         self.catalog = Catalog(str(tmp_path / "catalog.db"))
         self.metrics = Metrics()
@@ -63,6 +65,7 @@ class Pool:
             settings(tmp_path),
             metrics=self.metrics,
             clock=self.clock,
+            arriving_hold=arriving_hold,
         )
 
     @staticmethod
@@ -88,6 +91,16 @@ class Pool:
             ids.append(self.catalog.add_image(stat, PhotoMetadata(format="jpeg"), now))
         self.supervisor.wake()
         return ids
+
+    def add_file(self, path: Path) -> int:
+        """A row for a real file (the supervisor looks at it when it comes back truncated)."""
+        stat = FileStat.of(os.fsencode(path), path.stat())
+        image_id = self.catalog.add_image(stat, PhotoMetadata(format="jpeg"), self.clock.wall())
+        self.supervisor.wake()
+        return image_id
+
+    def jobs_sent(self) -> int:
+        return sum(len(w.jobs()) for w in self.workers())
 
     def turn(self, *ready: object) -> None:
         """One turn of the daemon's loop for phase 2."""
@@ -280,10 +293,10 @@ def test_resize_grows_at_once_and_shrinks_as_workers_become_idle(
     pool.start()
     ids = pool.add(2)
     pool.turn()
-    pool.supervisor.reconfigure(dataclasses.replace(WORKERS, count=3), settings(tmp_path))
+    pool.supervisor.reconfigure(dataclasses.replace(WORKERS, count=3), settings(tmp_path), None)
     assert len(pool.workers()) == 3
     busy = pool.workers()[:2]
-    pool.supervisor.reconfigure(dataclasses.replace(WORKERS, count=1), settings(tmp_path))
+    pool.supervisor.reconfigure(dataclasses.replace(WORKERS, count=1), settings(tmp_path), None)
     # The idle new worker goes at once; the busy one beyond the new size finishes first.
     assert pool.supervisor.count == 2
     assert busy[1].alive()
@@ -301,7 +314,7 @@ def test_new_settings_replace_idle_workers_now_and_busy_ones_after_their_image(
     pool.turn()
     busy, idle = pool.workers()
     new = settings(tmp_path, sizes=(128, 512))
-    pool.supervisor.reconfigure(WORKERS, new)
+    pool.supervisor.reconfigure(WORKERS, new, None)
     assert idle.closed == "graceful" and busy.alive()
     assert pool.children.started[-1].args == (new,)
     pool.done(busy)
@@ -316,7 +329,7 @@ def test_reload_applies_new_limits_to_the_next_decision(pool: Pool, tmp_path: Pa
     (image,) = pool.add(1)
     pool.turn()
     pool.supervisor.reconfigure(
-        dataclasses.replace(WORKERS, timeout_seconds=5.0, max_attempts=1), settings(tmp_path)
+        dataclasses.replace(WORKERS, timeout_seconds=5.0, max_attempts=1), settings(tmp_path), None
     )
     pool.clock.advance(5.01)
     pool.turn()
@@ -474,3 +487,45 @@ def test_a_row_whose_metadata_failed_for_a_passing_reason_is_read_again_before_i
     (job,) = [j for w in pool.workers() for j in w.jobs()]
     assert (job.image_id, job.orientation) == (image, 6)
     pool.catalog.close()
+
+
+def test_a_truncated_file_still_being_written_waits_and_fails_once_it_holds_still(
+    tmp_path: Path,
+) -> None:
+    made = Pool(tmp_path, dataclasses.replace(WORKERS, count=1), arriving_hold=30.0)
+    try:
+        made.start()
+        (worker,) = made.workers()
+        photo = tmp_path / "arriving.jpg"
+        photo.write_bytes(b"\xff\xd8\xff\xe0")
+        written = made.clock.wall() - 5.0
+        os.utime(photo, (written, written))
+        image = made.add_file(photo)
+        made.turn()
+        made.fail(worker, outcomes.TRUNCATED, "premature end of data")
+        # Written 5 s ago: presumed still arriving, no attempt counted, back at mtime + 30 s.
+        assert made.row(image) == ("pending", 0, None, pytest.approx(written + 30.0))
+        sent = made.jobs_sent()
+        made.clock.advance(24.0)
+        made.turn()
+        assert made.jobs_sent() == sent
+        made.clock.advance(1.5)
+        made.turn()
+        assert made.jobs_sent() == sent + 1
+        made.fail(worker, outcomes.TRUNCATED, "premature end of data")
+        assert made.row(image)[:3] == ("failed", 1, "truncated: premature end of data")
+    finally:
+        made.catalog.close()
+
+
+def test_without_an_arriving_hold_a_truncated_file_fails_at_once(
+    pool: Pool, tmp_path: Path
+) -> None:
+    pool.start()
+    photo = tmp_path / "cut.jpg"
+    photo.write_bytes(b"\xff\xd8\xff\xe0")
+    image = pool.add_file(photo)
+    pool.turn()
+    (worker,) = [w for w in pool.workers() if w.jobs()]
+    pool.fail(worker, outcomes.TRUNCATED, "premature end of data")
+    assert pool.row(image)[:2] == ("failed", 1)

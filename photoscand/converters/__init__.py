@@ -95,7 +95,8 @@ def detect_format(data: bytes | memoryview, format_hint: str | None = None) -> s
     Raises ConversionError for empty files and for bytes that are no photo format we read.
     """
     if len(data) == 0:
-        raise ConversionError(outcomes.CORRUPT, "the file is empty (0 bytes)")
+        # As phase 1 says of it: an empty file is the extreme of one that ends too early.
+        raise ConversionError(outcomes.TRUNCATED, "the file is empty (0 bytes)")
     head = bytes(data[: formats.SNIFF_BYTES])
     sniffed = formats.sniff_format(head)
     if sniffed == "tiff" and format_hint in formats.TIFF_BASED_RAW:
