@@ -37,15 +37,14 @@ MODES = {
 
 
 def photoscand_phase1_method() -> h.Method:
-    """>>> TO FINISH (photoscand-specific) <<<  Phase 1 throughput of photoscand, cold start.
+    """Phase 1 throughput of photoscand, cold start.
 
     Each run gets a fresh run folder (ctx.run_dir) and the folder of N photos (ctx.corpus,
     ctx.files). It starts `photoscand run` on a fresh catalog and counts as done when the
     catalog holds N rows: `until` polls it every 20 ms, then the harness sends SIGTERM and
     waits for the exit (wall = start to N rows; CPU = the whole process tree, shutdown
     included). Phase 2 is kept out of the way by a max_pixels that every photo exceeds, so
-    the workers fail each image as too_large without decoding it. Adjust the config (or
-    replace `until` with the metrics endpoint) once the daemon exists.
+    the workers fail each image as too_large without decoding it.
     """
 
     # Per run: when the build happened (just before the start), the first row, the last row.
@@ -112,7 +111,7 @@ class WatcherSpec:
 
 
 def photoscand_delay_watcher(watch_dir: Path, run_dir: Path, settle: float) -> WatcherSpec:
-    """>>> TO FINISH (photoscand-specific) <<<  `photoscand run` watching watch_dir.
+    """`photoscand run` watching watch_dir.
 
     Receives the empty watched folder and the run folder (fresh catalog and thumbnails go
     there). The harness waits for READY=1 on $NOTIFY_SOCKET before the writer starts, polls
