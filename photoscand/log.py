@@ -57,6 +57,10 @@ class _PrefixedJSON:
         return f"<{prefix}>{line}" if prefix is not None else line
 
 
+# Bumped by every configure(): component loggers bind again on their next call.
+_generation = 0
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
     """Configure structlog (and route stdlib logging from libraries through it).
 
@@ -65,6 +69,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         fmt: "auto" (console on a TTY, JSON otherwise), "json" or "console".
         stream: where lines go; stderr by default.
     """
+    global _generation
+    _generation += 1
     stream = stream or sys.stderr
     tty = hasattr(stream, "isatty") and stream.isatty()
     console = fmt == "console" or (fmt == "auto" and tty)
@@ -132,11 +138,28 @@ def one_file(log: Any, path: bytes, what: str) -> Iterator[None]:
         )
 
 
-def get_logger(name: str = "photoscand") -> Any:
-    """A structlog logger bound to a component name.
+class _ComponentLogger:
+    """A structlog logger bound to a component name, bound again after each configure().
 
-    Lazy: it reads the configuration at each call, so that a reload's new level and format
-    apply to the loggers the daemon's parts made at start-up (a ``.bind()`` here would fix
-    them at the configuration of that moment).
+    The daemon's parts make their loggers at start-up; a reload's new level and format must
+    reach them. structlog's lazy proxy would, but it binds on every call (about 15 us, twice
+    per file in phase 2); this binds once per configuration.
     """
-    return structlog.get_logger(name, component=name)
+
+    __slots__ = ("_bound", "_generation", "_name")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._bound: Any = None
+        self._generation = -1
+
+    def __getattr__(self, attr: str) -> Any:
+        if self._generation != _generation:
+            self._bound = structlog.get_logger(self._name).bind(component=self._name)
+            self._generation = _generation
+        return getattr(self._bound, attr)
+
+
+def get_logger(name: str = "photoscand") -> Any:
+    """A structlog logger bound to a component name that follows reloads' level and format."""
+    return _ComponentLogger(name)

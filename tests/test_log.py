@@ -43,3 +43,20 @@ def test_under_journald_lines_carry_the_priority_and_no_timestamp(monkeypatch) -
     assert line.startswith("<3>{")
     assert "timestamp" not in json.loads(line[3:])
     structlog.reset_defaults()
+
+
+def test_a_logger_made_before_a_reconfigure_follows_its_level_and_format(monkeypatch) -> None:
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    first, second = io.StringIO(), io.StringIO()
+    log.configure("warning", "json", stream=first)
+    component = log.get_logger("supervisor")
+    component.info("not shown at warning")
+    component.warning("shown")
+    log.configure("debug", "console", stream=second)
+    component.debug("shown at debug, as console text")
+    (line,) = first.getvalue().splitlines()
+    assert json.loads(line)["event"] == "shown" and json.loads(line)["component"] == "supervisor"
+    (text,) = second.getvalue().splitlines()
+    assert "shown at debug, as console text" in text and "component=supervisor" in text
+    assert not text.startswith("{")
+    structlog.reset_defaults()
